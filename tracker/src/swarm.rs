@@ -1,0 +1,884 @@
+//! The sans-IO swarm core: one shard of swarms, driven by requests and the time, pushing
+//! encoded frames for connections into a caller's reused buffer. No sockets, no clocks.
+//!
+//! Call order for a driver: [`Shard::handle`] for each request as it arrives, [`Shard::clean`]
+//! every cleaning interval. Each call appends to `out`; the driver delivers and clears it.
+
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use tidepool_protocol::tracker::{
+    Action, AnnounceEvent, AnnounceResponse, AnswerMessage, ErrorResponse, OfferMessage,
+    OpaqueJson, ScrapeStats,
+};
+use tidepool_protocol::{InfoHash, OfferId, PeerId};
+
+/// A connection, unique across all socket workers for the life of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    /// The socket worker that owns it.
+    pub worker: u16,
+    /// Its slot in that worker's connection table (reused after close).
+    pub slot: u32,
+    /// Never reused within a worker, so a stale reply for a closed connection's slot is
+    /// recognised and dropped instead of reaching the slot's next occupant.
+    pub serial: u64,
+}
+
+/// An announce, decoded by a socket worker and owned so it can cross threads.
+#[derive(Debug, Clone)]
+pub struct Announce {
+    /// The swarm.
+    pub info_hash: InfoHash,
+    /// The announcing peer.
+    pub peer_id: PeerId,
+    /// Lifecycle event.
+    pub event: AnnounceEvent,
+    /// Offers wanted; `None` means the configured default.
+    pub numwant: Option<u32>,
+    /// `left == 0`.
+    pub seeder: bool,
+    /// Offers, each already encoded once as JSON so forwarding only splices.
+    pub offers: Vec<(OfferId, Box<str>)>,
+    /// The answer part, when this announce answers an offer.
+    pub answer: Option<AnswerPart>,
+}
+
+/// The answer carried by an announce.
+#[derive(Debug, Clone)]
+pub struct AnswerPart {
+    /// The offerer.
+    pub to_peer_id: PeerId,
+    /// The offer answered.
+    pub offer_id: OfferId,
+    /// The answer object, encoded once as JSON.
+    pub answer: Box<str>,
+}
+
+/// What a shard is asked to do.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// An announce (possibly carrying offers or an answer).
+    Announce(Announce),
+    /// Counts for these swarms (zeros for unknown ones), or for every swarm of the shard.
+    Scrape {
+        /// Echoed in the reply so the socket worker can merge parts from several shards.
+        request_id: u64,
+        /// The swarms, or empty with `all`.
+        info_hashes: Vec<InfoHash>,
+        /// Scrape every swarm this shard holds.
+        all: bool,
+    },
+    /// The connection closed: drop the peers it owns in these swarms (and only those).
+    Closed {
+        /// The swarms it had joined that live in this shard.
+        info_hashes: Vec<InfoHash>,
+    },
+}
+
+/// What a shard produces for a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// A text frame to send.
+    Frame(String),
+    /// One shard's part of a scrape reply.
+    ScrapePart {
+        /// The scrape it answers.
+        request_id: u64,
+        /// Counts per swarm.
+        files: Vec<(InfoHash, ScrapeStats)>,
+    },
+}
+
+/// Tunables the shard needs (a slice of the tracker config).
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    /// Seconds clients are told to wait between announces.
+    pub announce_interval: u64,
+    /// Peers silent longer than this are dropped by [`Shard::clean`].
+    pub peer_timeout: Duration,
+    /// Most offers forwarded per announce, whatever `numwant` says.
+    pub max_offers: usize,
+    /// `numwant` when the client sends none.
+    pub default_numwant: usize,
+}
+
+#[derive(Debug)]
+struct Peer {
+    conn: ConnId,
+    /// Position in `Swarm::order`, kept so removal is O(1).
+    idx: usize,
+    seeder: bool,
+    last_seen: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Swarm {
+    peers: AHashMap<PeerId, Peer>,
+    /// Peer ids in insertion order, for uniform random choice without collecting the map.
+    order: Vec<PeerId>,
+    seeders: u64,
+    downloaded: u64,
+}
+
+impl Swarm {
+    fn stats(&self) -> ScrapeStats {
+        ScrapeStats {
+            complete: self.seeders,
+            incomplete: self.peers.len() as u64 - self.seeders,
+            downloaded: self.downloaded,
+        }
+    }
+
+    fn remove(&mut self, peer_id: &PeerId) {
+        if let Some(peer) = self.peers.remove(peer_id) {
+            if peer.seeder {
+                self.seeders -= 1;
+            }
+            self.order.swap_remove(peer.idx);
+            if let Some(moved) = self.order.get(peer.idx)
+                && let Some(moved) = self.peers.get_mut(moved)
+            {
+                moved.idx = peer.idx;
+            }
+        }
+    }
+}
+
+/// One shard's swarms.
+#[derive(Debug)]
+pub struct Shard {
+    config: ShardConfig,
+    swarms: AHashMap<InfoHash, Swarm>,
+    rng: fastrand::Rng,
+}
+
+impl Shard {
+    /// An empty shard. `seed` makes offer recipients reproducible in tests.
+    pub fn new(config: ShardConfig, seed: u64) -> Self {
+        Self {
+            config,
+            swarms: AHashMap::default(),
+            rng: fastrand::Rng::with_seed(seed),
+        }
+    }
+
+    /// Number of swarms held.
+    pub fn swarm_count(&self) -> usize {
+        self.swarms.len()
+    }
+
+    /// Number of peers across all swarms held.
+    pub fn peer_count(&self) -> usize {
+        self.swarms.values().map(|s| s.peers.len()).sum()
+    }
+
+    /// Handles one request from `conn` at time `now`.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        request: Request,
+        out: &mut Vec<(ConnId, Output)>,
+    ) {
+        match request {
+            Request::Announce(a) => self.announce(now, conn, a, out),
+            Request::Scrape {
+                request_id,
+                info_hashes,
+                all,
+            } => {
+                let files = if all {
+                    self.swarms.iter().map(|(h, s)| (*h, s.stats())).collect()
+                } else {
+                    info_hashes
+                        .iter()
+                        .map(|h| (*h, self.swarms.get(h).map(Swarm::stats).unwrap_or_default()))
+                        .collect()
+                };
+                out.push((conn, Output::ScrapePart { request_id, files }));
+            }
+            Request::Closed { info_hashes } => {
+                for info_hash in info_hashes {
+                    let Some(swarm) = self.swarms.get_mut(&info_hash) else {
+                        continue;
+                    };
+                    // Only peers this connection owns: an impostor's disconnect evicts no one.
+                    let owned: Vec<PeerId> = swarm
+                        .peers
+                        .iter()
+                        .filter(|(_, p)| p.conn == conn)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for peer_id in owned {
+                        swarm.remove(&peer_id);
+                    }
+                    if swarm.peers.is_empty() {
+                        self.swarms.remove(&info_hash);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops peers silent past the timeout and frees empty swarms.
+    pub fn clean(&mut self, now: Instant) {
+        let timeout = self.config.peer_timeout;
+        self.swarms.retain(|_, swarm| {
+            let stale: Vec<PeerId> = swarm
+                .peers
+                .iter()
+                .filter(|(_, p)| now.saturating_duration_since(p.last_seen) > timeout)
+                .map(|(id, _)| *id)
+                .collect();
+            for peer_id in stale {
+                swarm.remove(&peer_id);
+            }
+            !swarm.peers.is_empty()
+        });
+    }
+
+    fn announce(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        a: Announce,
+        out: &mut Vec<(ConnId, Output)>,
+    ) {
+        let refuse = |out: &mut Vec<(ConnId, Output)>, reason: &'static str| {
+            let mut frame = Vec::new();
+            ErrorResponse {
+                failure_reason: reason.into(),
+                action: Some(Action::Announce),
+                info_hash: Some(a.info_hash),
+            }
+            .encode(&mut frame);
+            out.push((conn, Output::Frame(into_string(frame))));
+        };
+
+        let owner = self
+            .swarms
+            .get(&a.info_hash)
+            .and_then(|s| s.peers.get(&a.peer_id))
+            .map(|p| p.conn);
+        if owner.is_some_and(|owner| owner != conn) {
+            // First announcer owns the peer_id in this swarm; nobody else may speak as it.
+            refuse(out, "peer_id is in use by another connection");
+            return;
+        }
+
+        if let Some(answer) = a.answer {
+            self.route_answer(conn, &a.info_hash, &a.peer_id, answer, out);
+            if owner.is_some()
+                && let Some(peer) = self
+                    .swarms
+                    .get_mut(&a.info_hash)
+                    .and_then(|s| s.peers.get_mut(&a.peer_id))
+            {
+                peer.last_seen = now;
+            }
+            // The reference server sends no announce response for answers.
+            return;
+        }
+
+        let swarm = self.swarms.entry(a.info_hash).or_default();
+        if a.event == AnnounceEvent::Stopped {
+            swarm.remove(&a.peer_id);
+        } else {
+            let seeder = a.seeder || a.event == AnnounceEvent::Completed;
+            match swarm.peers.get_mut(&a.peer_id) {
+                Some(peer) => {
+                    if a.event == AnnounceEvent::Completed && !peer.seeder {
+                        swarm.downloaded += 1;
+                    }
+                    if peer.seeder != seeder {
+                        if seeder {
+                            swarm.seeders += 1;
+                        } else {
+                            swarm.seeders -= 1;
+                        }
+                    }
+                    peer.seeder = seeder;
+                    peer.last_seen = now;
+                }
+                None => {
+                    if a.event == AnnounceEvent::Completed {
+                        swarm.downloaded += 1;
+                    }
+                    if seeder {
+                        swarm.seeders += 1;
+                    }
+                    swarm.peers.insert(
+                        a.peer_id,
+                        Peer {
+                            conn,
+                            idx: swarm.order.len(),
+                            seeder,
+                            last_seen: now,
+                        },
+                    );
+                    swarm.order.push(a.peer_id);
+                }
+            }
+        }
+
+        let stats = swarm.stats();
+        let mut frame = Vec::with_capacity(128);
+        AnnounceResponse {
+            info_hash: a.info_hash,
+            complete: stats.complete,
+            incomplete: stats.incomplete,
+            interval: self.config.announce_interval,
+        }
+        .encode(&mut frame);
+        out.push((conn, Output::Frame(into_string(frame))));
+
+        if !a.offers.is_empty() && a.event != AnnounceEvent::Stopped {
+            let want = a
+                .numwant
+                .map_or(self.config.default_numwant, |n| n as usize)
+                .min(a.offers.len())
+                .min(self.config.max_offers);
+            self.forward_offers(&a.info_hash, &a.peer_id, &a.offers[..want], out);
+        }
+        if self
+            .swarms
+            .get(&a.info_hash)
+            .is_some_and(|s| s.peers.is_empty())
+        {
+            self.swarms.remove(&a.info_hash);
+        }
+    }
+
+    /// Sends each offer to a different random peer of the swarm, never the sender.
+    fn forward_offers(
+        &mut self,
+        info_hash: &InfoHash,
+        sender: &PeerId,
+        offers: &[(OfferId, Box<str>)],
+        out: &mut Vec<(ConnId, Output)>,
+    ) {
+        let Some(swarm) = self.swarms.get(info_hash) else {
+            return;
+        };
+        let candidates = swarm.order.len().saturating_sub(1);
+        let take = offers.len().min(candidates);
+        if take == 0 {
+            return;
+        }
+        // Distinct random peers other than the sender. Large swarms: rejection sampling, O(take)
+        // instead of O(swarm). Small swarms: a partial shuffle of every candidate.
+        let mut picked: Vec<usize> = Vec::with_capacity(take);
+        if swarm.order.len() > 4 * take + 1 {
+            while picked.len() < take {
+                let i = self.rng.usize(..swarm.order.len());
+                if swarm.order[i] != *sender && !picked.contains(&i) {
+                    picked.push(i);
+                }
+            }
+        } else {
+            picked.extend((0..swarm.order.len()).filter(|&i| swarm.order[i] != *sender));
+            for i in 0..take {
+                let j = self.rng.usize(i..picked.len());
+                picked.swap(i, j);
+            }
+        }
+        for ((offer_id, offer), &idx) in offers.iter().zip(&picked[..take]) {
+            let recipient = swarm.order[idx];
+            let Some(peer) = swarm.peers.get(&recipient) else {
+                continue;
+            };
+            let mut frame = Vec::with_capacity(offer.len() + 200);
+            OfferMessage {
+                info_hash: *info_hash,
+                peer_id: *sender,
+                offer_id: *offer_id,
+                offer: OpaqueJson::Encoded(offer),
+            }
+            .encode(&mut frame);
+            out.push((peer.conn, Output::Frame(into_string(frame))));
+        }
+    }
+
+    fn route_answer(
+        &mut self,
+        conn: ConnId,
+        info_hash: &InfoHash,
+        answerer: &PeerId,
+        answer: AnswerPart,
+        out: &mut Vec<(ConnId, Output)>,
+    ) {
+        let Some(to) = self
+            .swarms
+            .get(info_hash)
+            .and_then(|s| s.peers.get(&answer.to_peer_id))
+        else {
+            // Like the reference server: an answer to a peer that left goes nowhere.
+            return;
+        };
+        if to.conn == conn && answer.to_peer_id == *answerer {
+            return;
+        }
+        let mut frame = Vec::with_capacity(answer.answer.len() + 200);
+        AnswerMessage {
+            info_hash: *info_hash,
+            peer_id: *answerer,
+            offer_id: answer.offer_id,
+            answer: OpaqueJson::Encoded(&answer.answer),
+        }
+        .encode(&mut frame);
+        out.push((to.conn, Output::Frame(into_string(frame))));
+    }
+}
+
+/// The protocol encoders only write UTF-8; the fallback is unreachable.
+fn into_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_protocol::tracker::{Decoder, ServerMessage};
+
+    const T: Duration = Duration::from_secs(300);
+
+    fn shard() -> Shard {
+        Shard::new(
+            ShardConfig {
+                announce_interval: 120,
+                peer_timeout: T,
+                max_offers: 10,
+                default_numwant: 50,
+            },
+            7,
+        )
+    }
+
+    fn conn(n: u32) -> ConnId {
+        ConnId {
+            worker: 0,
+            slot: n,
+            serial: n as u64,
+        }
+    }
+
+    fn announce(peer: u8, event: AnnounceEvent, seeder: bool, offers: usize) -> Request {
+        Request::Announce(Announce {
+            info_hash: InfoHash([1; 20]),
+            peer_id: PeerId([peer; 20]),
+            event,
+            numwant: None,
+            seeder,
+            offers: (0..offers)
+                .map(|i| {
+                    (
+                        OfferId::from_bytes20(&[i as u8; 20]),
+                        r#"{"type":"offer","sdp":"x"}"#.into(),
+                    )
+                })
+                .collect(),
+            answer: None,
+        })
+    }
+
+    /// Decodes every frame in `out` for `to` into (kind, complete, incomplete).
+    fn frames_for(out: &[(ConnId, Output)], to: ConnId) -> Vec<String> {
+        let mut decoder = Decoder::default();
+        out.iter()
+            .filter(|(c, _)| *c == to)
+            .filter_map(|(_, o)| match o {
+                Output::Frame(f) => Some(f.clone()),
+                Output::ScrapePart { .. } => None,
+            })
+            .map(|f| {
+                let mut bytes = f.into_bytes();
+                decoder.decode_server(&mut bytes, |m| match m {
+                    Ok(ServerMessage::Announce(r)) => {
+                        format!("announce {}/{}", r.complete, r.incomplete)
+                    }
+                    Ok(ServerMessage::Offer(o)) => format!("offer from {}", o.peer_id.0[0]),
+                    Ok(ServerMessage::Answer(a)) => format!("answer from {}", a.peer_id.0[0]),
+                    Ok(ServerMessage::Error(e)) => format!("error {}", e.failure_reason),
+                    other => format!("{other:?}"),
+                })
+            })
+            .collect()
+    }
+
+    fn stats(s: &mut Shard, now: Instant) -> ScrapeStats {
+        let mut out = Vec::new();
+        s.handle(
+            now,
+            conn(99),
+            Request::Scrape {
+                request_id: 1,
+                info_hashes: vec![InfoHash([1; 20])],
+                all: false,
+            },
+            &mut out,
+        );
+        match &out[0].1 {
+            Output::ScrapePart { files, .. } => files[0].1,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn counts_follow_every_event_kind() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        s.handle(
+            now,
+            conn(1),
+            announce(1, AnnounceEvent::Started, false, 0),
+            &mut out,
+        );
+        s.handle(
+            now,
+            conn(2),
+            announce(2, AnnounceEvent::Started, true, 0),
+            &mut out,
+        );
+        assert_eq!(
+            stats(&mut s, now),
+            ScrapeStats {
+                complete: 1,
+                incomplete: 1,
+                downloaded: 0
+            }
+        );
+        s.handle(
+            now,
+            conn(1),
+            announce(1, AnnounceEvent::Completed, false, 0),
+            &mut out,
+        );
+        assert_eq!(
+            stats(&mut s, now),
+            ScrapeStats {
+                complete: 2,
+                incomplete: 0,
+                downloaded: 1
+            }
+        );
+        // A repeated `completed` is not another download.
+        s.handle(
+            now,
+            conn(1),
+            announce(1, AnnounceEvent::Completed, true, 0),
+            &mut out,
+        );
+        assert_eq!(stats(&mut s, now).downloaded, 1);
+        s.handle(
+            now,
+            conn(2),
+            announce(2, AnnounceEvent::Paused, false, 0),
+            &mut out,
+        );
+        assert_eq!(
+            stats(&mut s, now),
+            ScrapeStats {
+                complete: 1,
+                incomplete: 1,
+                downloaded: 1
+            }
+        );
+        s.handle(
+            now,
+            conn(2),
+            announce(2, AnnounceEvent::Update, true, 0),
+            &mut out,
+        );
+        assert_eq!(stats(&mut s, now).complete, 2);
+        out.clear();
+        s.handle(
+            now,
+            conn(2),
+            announce(2, AnnounceEvent::Stopped, true, 0),
+            &mut out,
+        );
+        // `stopped` still gets a response, with the peer already gone.
+        assert_eq!(frames_for(&out, conn(2)), ["announce 1/0"]);
+        s.handle(
+            now,
+            conn(1),
+            announce(1, AnnounceEvent::Stopped, true, 0),
+            &mut out,
+        );
+        assert_eq!(s.swarm_count(), 0, "empty swarm freed");
+    }
+
+    #[test]
+    fn offers_go_to_distinct_other_peers_and_never_the_sender() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for p in 1..=5u8 {
+            s.handle(
+                now,
+                conn(p as u32),
+                announce(p, AnnounceEvent::Started, false, 0),
+                &mut out,
+            );
+        }
+        out.clear();
+        s.handle(
+            now,
+            conn(1),
+            announce(1, AnnounceEvent::None, false, 10),
+            &mut out,
+        );
+        assert_eq!(frames_for(&out, conn(1)), ["announce 0/5"]);
+        let recipients: Vec<ConnId> = out
+            .iter()
+            .map(|(c, _)| *c)
+            .filter(|c| *c != conn(1))
+            .collect();
+        assert_eq!(recipients.len(), 4, "min(offers, other peers)");
+        let unique: std::collections::HashSet<_> = recipients.iter().collect();
+        assert_eq!(unique.len(), 4, "one offer per peer");
+        // numwant bounds the fan-out.
+        out.clear();
+        let Request::Announce(mut a) = announce(1, AnnounceEvent::None, false, 10) else {
+            unreachable!()
+        };
+        a.numwant = Some(2);
+        s.handle(now, conn(1), Request::Announce(a), &mut out);
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn large_swarms_fan_out_to_distinct_peers_and_survive_removals() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for p in 0..200u32 {
+            let Request::Announce(mut a) = announce(0, AnnounceEvent::Started, false, 0) else {
+                unreachable!()
+            };
+            a.peer_id = PeerId([
+                (p % 256) as u8,
+                (p / 256) as u8,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+            ]);
+            s.handle(now, conn(p), Request::Announce(a), &mut out);
+        }
+        // Remove every third peer; the order index must stay consistent.
+        for p in (0..200u32).step_by(3) {
+            s.handle(
+                now,
+                conn(p),
+                Request::Closed {
+                    info_hashes: vec![InfoHash([1; 20])],
+                },
+                &mut out,
+            );
+        }
+        assert_eq!(s.peer_count(), 133);
+        out.clear();
+        let Request::Announce(mut a) = announce(0, AnnounceEvent::None, false, 10) else {
+            unreachable!()
+        };
+        a.peer_id = PeerId([1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
+        s.handle(now, conn(1), Request::Announce(a), &mut out);
+        let recipients: std::collections::HashSet<ConnId> = out
+            .iter()
+            .map(|(c, _)| *c)
+            .filter(|c| *c != conn(1))
+            .collect();
+        assert_eq!(recipients.len(), 10);
+        assert!(
+            recipients.iter().all(|c| c.slot % 3 != 0),
+            "no removed peer is picked"
+        );
+    }
+
+    #[test]
+    fn answers_route_to_the_offerer_without_an_announce_response() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        s.handle(
+            now,
+            conn(1),
+            announce(1, AnnounceEvent::Started, false, 0),
+            &mut out,
+        );
+        s.handle(
+            now,
+            conn(2),
+            announce(2, AnnounceEvent::Started, false, 0),
+            &mut out,
+        );
+        out.clear();
+        let Request::Announce(mut a) = announce(2, AnnounceEvent::None, false, 0) else {
+            unreachable!()
+        };
+        a.answer = Some(AnswerPart {
+            to_peer_id: PeerId([1; 20]),
+            offer_id: OfferId::from_bytes20(&[9; 20]),
+            answer: r#"{"type":"answer","sdp":"y"}"#.into(),
+        });
+        s.handle(now, conn(2), Request::Announce(a), &mut out);
+        assert_eq!(frames_for(&out, conn(1)), ["answer from 2"]);
+        assert!(frames_for(&out, conn(2)).is_empty());
+    }
+
+    #[test]
+    fn impostors_are_refused_and_their_disconnect_evicts_nobody() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        s.handle(
+            now,
+            conn(1),
+            announce(1, AnnounceEvent::Started, false, 0),
+            &mut out,
+        );
+        out.clear();
+        // Another connection announcing, stopping or answering as peer 1.
+        s.handle(
+            now,
+            conn(666),
+            announce(1, AnnounceEvent::Started, true, 0),
+            &mut out,
+        );
+        s.handle(
+            now,
+            conn(666),
+            announce(1, AnnounceEvent::Stopped, true, 0),
+            &mut out,
+        );
+        let errors = frames_for(&out, conn(666));
+        assert_eq!(errors, ["error peer_id is in use by another connection"; 2]);
+        s.handle(
+            now,
+            conn(666),
+            Request::Closed {
+                info_hashes: vec![InfoHash([1; 20])],
+            },
+            &mut out,
+        );
+        assert_eq!(s.peer_count(), 1, "owner still there");
+        assert_eq!(stats(&mut s, now).incomplete, 1);
+        s.handle(
+            now,
+            conn(1),
+            Request::Closed {
+                info_hashes: vec![InfoHash([1; 20])],
+            },
+            &mut out,
+        );
+        assert_eq!(s.peer_count(), 0);
+        assert_eq!(s.swarm_count(), 0);
+    }
+
+    #[test]
+    fn silent_peers_time_out_and_active_ones_stay() {
+        let mut s = shard();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        s.handle(
+            t0,
+            conn(1),
+            announce(1, AnnounceEvent::Started, false, 0),
+            &mut out,
+        );
+        s.handle(
+            t0,
+            conn(2),
+            announce(2, AnnounceEvent::Started, true, 0),
+            &mut out,
+        );
+        s.handle(
+            t0 + T / 2,
+            conn(2),
+            announce(2, AnnounceEvent::None, true, 0),
+            &mut out,
+        );
+        s.clean(t0 + T + Duration::from_secs(1));
+        assert_eq!(s.peer_count(), 1);
+        assert_eq!(stats(&mut s, t0 + T).complete, 1);
+        s.clean(t0 + T * 2);
+        assert_eq!(s.swarm_count(), 0);
+    }
+
+    #[test]
+    fn scrape_of_unknown_swarm_is_zeros_and_all_lists_every_swarm() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        s.handle(
+            now,
+            conn(1),
+            announce(1, AnnounceEvent::Started, false, 0),
+            &mut out,
+        );
+        out.clear();
+        s.handle(
+            now,
+            conn(1),
+            Request::Scrape {
+                request_id: 5,
+                info_hashes: vec![InfoHash([2; 20])],
+                all: false,
+            },
+            &mut out,
+        );
+        s.handle(
+            now,
+            conn(1),
+            Request::Scrape {
+                request_id: 6,
+                info_hashes: vec![],
+                all: true,
+            },
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            [
+                (
+                    conn(1),
+                    Output::ScrapePart {
+                        request_id: 5,
+                        files: vec![(InfoHash([2; 20]), ScrapeStats::default())]
+                    }
+                ),
+                (
+                    conn(1),
+                    Output::ScrapePart {
+                        request_id: 6,
+                        files: vec![(
+                            InfoHash([1; 20]),
+                            ScrapeStats {
+                                complete: 0,
+                                incomplete: 1,
+                                downloaded: 0
+                            }
+                        )]
+                    }
+                ),
+            ]
+        );
+    }
+}
