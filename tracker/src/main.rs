@@ -1,14 +1,95 @@
-//! `tidepool-tracker`: the WebSocket signaling tracker. The server itself arrives with the
-//! tracker-core issue; until then the binary only reports that it is not built yet.
+//! `tidepool-tracker`: command-line entry point — config, logging, signals.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
 use mimalloc::MiMalloc;
+use tidepool_tracker::{Config, Tracker};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+/// WebSocket signaling tracker for WebTorrent-protocol peer pools.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML config file (every field optional; see --print-config).
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Print the effective config as commented TOML and exit.
+    #[arg(short = 'p', long)]
+    print_config: bool,
+    /// Address to listen on (default 127.0.0.1:8000).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Socket worker threads.
+    #[arg(long)]
+    socket_workers: Option<usize>,
+    /// Swarm worker threads.
+    #[arg(long)]
+    swarm_workers: Option<usize>,
+    /// PEM certificate chain (serves wss:// with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!(
-        "tidepool-tracker {}: the tracker server is not implemented yet (see the tracker-core issue)",
-        env!("CARGO_PKG_VERSION")
-    )
+    let cli = Cli::parse();
+    let mut config = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    if let Some(listen) = cli.listen {
+        config.network.listen = listen;
+    }
+    if let Some(n) = cli.socket_workers {
+        config.workers.socket_workers = n;
+    }
+    if let Some(n) = cli.swarm_workers {
+        config.workers.swarm_workers = n;
+    }
+    if cli.tls_cert.is_some() {
+        config.network.tls_cert = cli.tls_cert;
+        config.network.tls_key = cli.tls_key;
+    }
+    config.validate()?;
+    if cli.print_config {
+        print!("{}", config.to_commented_toml());
+        return Ok(());
+    }
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
+    let tracker = Tracker::start(config.clone())?;
+    tracing::info!(
+        "tidepool-tracker {} listening on {} ({} socket workers, {} swarm workers)",
+        env!("CARGO_PKG_VERSION"),
+        tracker.url(),
+        config.workers.socket_workers,
+        config.workers.swarm_workers,
+    );
+    if let Some(signal) = signals.forever().next() {
+        tracing::info!("signal {signal}: shutting down");
+    }
+    tracker.shutdown();
+    tracing::info!("stopped");
+    Ok(())
 }

@@ -1,0 +1,134 @@
+//! Shared helpers for the tracker's real-socket tests: start a tracker on 127.0.0.1:0 and
+//! talk to it with tokio-tungstenite clients, with every wait bounded.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tidepool_tracker::{Config, Tracker};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A config bound to an ephemeral loopback port.
+pub fn config(socket_workers: usize, swarm_workers: usize) -> Config {
+    let mut c = Config::default();
+    c.network.listen = "127.0.0.1:0".parse().expect("valid address");
+    c.workers.socket_workers = socket_workers;
+    c.workers.swarm_workers = swarm_workers;
+    c
+}
+
+pub fn start(config: Config) -> Tracker {
+    Tracker::start(config).expect("tracker starts")
+}
+
+/// A latin1 JSON string for 20 bytes.
+pub fn id(bytes: [u8; 20]) -> String {
+    bytes.iter().map(|&b| b as char).collect()
+}
+
+/// A distinct 20-byte id from a number (includes bytes that need JSON escaping).
+pub fn num_id(prefix: u8, n: u32) -> String {
+    let mut b = [0x22u8; 20];
+    b[0] = prefix;
+    b[1] = 0xFF;
+    b[2..6].copy_from_slice(&n.to_le_bytes());
+    id(b)
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("connects");
+        Client { ws }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: String) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// The next text frame as JSON; panics on timeout or close.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("stream open")
+                .expect("frame ok");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).expect("tracker sends JSON"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// Nothing arrives within `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(d, self.ws.next()).await {
+            panic!("unexpected frame {t}");
+        }
+    }
+
+    /// Waits for the tracker to close the connection; returns the close code if any.
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("closed in time")
+            {
+                None | Some(Err(_)) => return None,
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    pub async fn announce(&mut self, info_hash: &str, peer_id: &str, extra: Value) -> Value {
+        self.send(announce_msg(info_hash, peer_id, extra)).await;
+        self.recv().await
+    }
+
+    pub async fn scrape(&mut self, info_hash: Value) -> Value {
+        self.send(json!({"action": "scrape", "info_hash": info_hash}))
+            .await;
+        self.recv().await
+    }
+}
+
+pub fn announce_msg(info_hash: &str, peer_id: &str, extra: Value) -> Value {
+    let mut m = json!({"action": "announce", "info_hash": info_hash, "peer_id": peer_id});
+    if let (Some(m), Value::Object(extra)) = (m.as_object_mut(), extra) {
+        m.extend(extra);
+    }
+    m
+}
+
+/// Offers as the npm client sends them.
+pub fn offers(n: usize, tag: &str) -> Value {
+    Value::Array(
+        (0..n)
+            .map(|i| {
+                json!({
+                    "offer_id": num_id(b'o', i as u32),
+                    "offer": {"type": "offer", "sdp": format!("v=0\r\no={tag} {i}\r\n")}
+                })
+            })
+            .collect(),
+    )
+}
