@@ -78,10 +78,15 @@ impl Client {
         }
     }
 
-    /// Nothing arrives within `d`.
+    /// No text frame arrives within `d` (pings are answered meanwhile, as reading does).
     pub async fn expect_silence(&mut self, d: Duration) {
-        if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(d, self.ws.next()).await {
-            panic!("unexpected frame {t}");
+        let deadline = tokio::time::Instant::now() + d;
+        while let Ok(next) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            match next {
+                Some(Ok(Message::Text(t))) => panic!("unexpected frame {t}"),
+                Some(Ok(_)) => continue,
+                other => panic!("connection ended: {other:?}"),
+            }
         }
     }
 

@@ -1,0 +1,279 @@
+//! Abuse over real sockets: each bad input gets a clear failure or close, and a well-behaved
+//! client on the same tracker keeps being served.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A bystander announces and gets its response: the tracker still serves others.
+async fn still_served(url: &str) {
+    let mut c = Client::connect(url).await;
+    let h = num_id(b'b', 0);
+    let r = c.announce(&h, &num_id(b'b', 1), json!({})).await;
+    assert_eq!(r["action"], "announce");
+    assert!(r["interval"].is_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_wrong_types_and_bad_ids_get_failures_and_the_connection_stays_open() {
+    let tracker = start(config(2, 2));
+    let mut c = Client::connect(&tracker.url()).await;
+    let h = num_id(b'h', 1);
+    let p = num_id(b'p', 1);
+    let cases = [
+        ("{\"action\":\"announce\",".to_owned(), None, None),
+        ("[1,2,3]".to_owned(), None, None),
+        (json!({"action": "announce", "info_hash": h, "peer_id": "short"}).to_string(), Some("announce"), Some(&h)),
+        (json!({"action": "announce", "info_hash": format!("{h}x"), "peer_id": p}).to_string(), Some("announce"), None),
+        (json!({"action": "announce", "info_hash": h, "peer_id": format!("{}Ā", &num_id(b'p', 1)[..19])}).to_string(), Some("announce"), Some(&h)),
+        (json!({"action": "announce", "info_hash": h, "peer_id": p, "numwant": "many"}).to_string(), Some("announce"), Some(&h)),
+        (json!({"action": "teleport", "info_hash": h}).to_string(), None, Some(&h)),
+        (json!({"action": "announce", "info_hash": h, "peer_id": p, "offers": offers(11, "x")}).to_string(), Some("announce"), Some(&h)),
+        (json!({"action": "scrape", "info_hash": [h, 5]}).to_string(), Some("scrape"), None),
+        (format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000)), None, None),
+    ];
+    for (frame, action, info_hash) in cases {
+        c.send_text(frame.clone()).await;
+        let reply = c.recv().await;
+        let reason = reply["failure reason"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no failure for {frame:.80}: {reply}"));
+        assert!(!reason.is_empty());
+        assert_eq!(reply["action"].as_str(), action, "{frame:.80}");
+        assert_eq!(
+            reply["info_hash"].as_str(),
+            info_hash.map(String::as_str),
+            "{frame:.80}"
+        );
+    }
+    // The same connection still works.
+    let r = c.announce(&h, &p, json!({})).await;
+    assert_eq!(r["incomplete"], json!(1));
+    still_served(&tracker.url()).await;
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_frames_are_refused_with_a_close() {
+    let tracker = start(config(1, 1));
+    let mut c = Client::connect(&tracker.url()).await;
+    c.ws.send(Message::binary(br#"{"action":"scrape"}"#.to_vec()))
+        .await
+        .expect("send");
+    assert_eq!(c.closed().await, Some(1003));
+    still_served(&tracker.url()).await;
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_with_a_close() {
+    let tracker = start(config(1, 1));
+    let mut c = Client::connect(&tracker.url()).await;
+    let huge = json!({"action": "scrape", "pad": "x".repeat(100 * 1024)}).to_string();
+    let _ = c.ws.send(Message::text(huge)).await;
+    let code = c.closed().await;
+    assert!(matches!(code, Some(1009) | None), "{code:?}");
+    still_served(&tracker.url()).await;
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impostor_cannot_announce_answer_or_evict_as_another_peer_id() {
+    let tracker = start(config(2, 2));
+    let mut owner = Client::connect(&tracker.url()).await;
+    let mut impostor = Client::connect(&tracker.url()).await;
+    let mut third = Client::connect(&tracker.url()).await;
+    let h = num_id(b'h', 2);
+    let victim = num_id(b'v', 0);
+    owner.announce(&h, &victim, json!({"left": 5})).await;
+    let r = impostor.announce(&h, &victim, json!({"left": 0})).await;
+    assert_eq!(
+        r["failure reason"],
+        "peer_id is in use by another connection"
+    );
+    assert_eq!(r["action"], "announce");
+    let r = impostor
+        .announce(&h, &victim, json!({"event": "stopped"}))
+        .await;
+    assert!(r["failure reason"].is_string());
+    // Answering as the victim is refused too.
+    third.announce(&h, &num_id(b't', 0), json!({})).await;
+    impostor
+        .send(announce_msg(&h, &victim, json!({"to_peer_id": num_id(b't', 0), "offer_id": "o", "answer": {"type": "answer", "sdp": "evil"}})))
+        .await;
+    assert!(impostor.recv().await["failure reason"].is_string());
+    third.expect_silence(Duration::from_millis(200)).await;
+    // The impostor leaves; the owner stays, counted as the leecher it said it was.
+    drop(impostor);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = third.scrape(json!(h)).await;
+    assert_eq!(s["files"][&h]["incomplete"], json!(2));
+    assert_eq!(s["files"][&h]["complete"], json!(0));
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarms_per_connection_are_bounded() {
+    let mut cfg = config(1, 2);
+    cfg.protocol.max_swarms_per_connection = 3;
+    let tracker = start(cfg);
+    let mut c = Client::connect(&tracker.url()).await;
+    for s in 0..3u32 {
+        assert!(
+            c.announce(&num_id(b'h', s), &num_id(b'p', 0), json!({}))
+                .await["interval"]
+                .is_u64()
+        );
+    }
+    let r = c
+        .announce(&num_id(b'h', 3), &num_id(b'p', 0), json!({}))
+        .await;
+    assert_eq!(
+        r["failure reason"],
+        "too many swarms on one connection (limit 3)"
+    );
+    // Re-announcing to a joined swarm is fine.
+    assert!(
+        c.announce(&num_id(b'h', 1), &num_id(b'p', 0), json!({}))
+            .await["interval"]
+            .is_u64()
+    );
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_frames_does_not_starve_other_clients() {
+    let tracker = start(config(1, 1));
+    let url = tracker.url();
+    let flooder = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let mut f = Client::connect(&url).await;
+            for _ in 0..3000 {
+                f.send_text("{\"action\":".into()).await;
+            }
+            let mut failures = 0;
+            while failures < 3000 {
+                assert!(f.recv().await["failure reason"].is_string());
+                failures += 1;
+            }
+            failures
+        }
+    });
+    let started = Instant::now();
+    still_served(&url).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        flooder.await.expect("flooder"),
+        3000,
+        "every bad frame answered"
+    );
+    tracker.shutdown();
+}
+
+/// A client that stops reading while offers are flooded at it is closed once its outgoing
+/// queue fills; the flooder and everyone else keep being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_reads_is_closed_and_memory_stays_bounded() {
+    let mut cfg = config(1, 1);
+    cfg.network.max_message_size = 16 * 1024;
+    cfg.network.max_frame_size = 16 * 1024;
+    cfg.network.max_outgoing_queue = 32 * 1024;
+    let tracker = start(cfg);
+    let addr = tracker.local_addr();
+    // The victim: a tiny receive buffer, and it never reads after its first response.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let tcp = socket.connect(addr).await.expect("connect");
+    let (ws, _) = tokio_tungstenite::client_async(
+        format!("ws://{addr}/"),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .expect("handshake");
+    let mut victim = Client { ws };
+    let h = num_id(b'h', 9);
+    victim.announce(&h, &num_id(b'v', 0), json!({})).await;
+
+    let mut flooder = Client::connect(&tracker.url()).await;
+    let sdp = "a=candidate:1 1 UDP 2114977791 127.0.0.1 46280 typ host\r\n".repeat(20);
+    let mut sent = 0;
+    for i in 0..3000u32 {
+        flooder
+            .send(announce_msg(&h, &num_id(b'f', 0), json!({"offers": [{"offer_id": num_id(b'o', i), "offer": {"type": "offer", "sdp": sdp}}]})))
+            .await;
+        let r = flooder.recv().await;
+        assert!(r["interval"].is_u64(), "flooder keeps being answered: {r}");
+        sent += 1;
+        if r["incomplete"] == json!(1) {
+            break; // the victim was closed and its peer removed
+        }
+    }
+    assert!(sent < 3000, "the victim was never closed");
+    still_served(&tracker.url()).await;
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_handshake_is_cut_off() {
+    let mut cfg = config(1, 1);
+    cfg.network.handshake_timeout_ms = 500;
+    let tracker = start(cfg);
+    let mut tcp = tokio::net::TcpStream::connect(tracker.local_addr())
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n";
+    let mut closed = false;
+    for byte in request {
+        if tcp.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if started.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    if !closed {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("closed in time");
+        assert!(
+            matches!(n, Ok(0) | Err(_)),
+            "connection should be closed: {n:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut off near the 0.5 s limit"
+    );
+    still_served(&tracker.url()).await;
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excess_connections_are_refused_at_accept() {
+    let mut cfg = config(1, 1);
+    cfg.network.max_connections_per_worker = 3;
+    let tracker = start(cfg);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(Client::connect(&tracker.url()).await);
+    }
+    let refused = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(tracker.url()))
+        .await
+        .expect("answered in time");
+    assert!(refused.is_err(), "fourth connection must be refused");
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    still_served(&tracker.url()).await;
+    tracker.shutdown();
+}
