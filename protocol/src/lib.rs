@@ -10,7 +10,7 @@
 //! - [`Number`]: JSON numbers as peers send them (`left` may be `-1`, huge, or a float).
 //!
 //! Golden frames recorded from npm `bittorrent-tracker` live in `tests/golden/`; the script
-//! that records them is `golden/record.mjs`.
+//! that records them is `interop/record.mjs` (at the workspace root).
 
 pub mod id;
 mod json;

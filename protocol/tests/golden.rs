@@ -1,5 +1,5 @@
 //! Golden frames recorded from npm `bittorrent-tracker` (server and client, real WebRTC on
-//! loopback) by `golden/record.mjs`: every frame must decode, and re-encode to the same JSON.
+//! loopback) by `interop/record.mjs` (at the workspace root): every frame must decode, and re-encode to the same JSON.
 
 use serde_json::Value;
 use tidepool_protocol::tracker::{
@@ -18,7 +18,7 @@ fn load() -> (Value, Vec<Frame>) {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/golden/bittorrent-tracker.jsonl"
     );
-    let text = std::fs::read_to_string(path).expect("fixture file exists (run golden/record.mjs)");
+    let text = std::fs::read_to_string(path).expect("fixture file exists (run interop/record.mjs)");
     let mut lines = text.lines();
     let meta: Value = serde_json::from_str(lines.next().expect("meta line")).expect("meta JSON");
     let frames = lines

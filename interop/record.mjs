@@ -4,7 +4,13 @@
 // A recording WebSocket proxy sits between the clients and the server, so every frame is
 // captured exactly as it crossed the wire, in both directions, without patching either side.
 //
-// Usage: node record.mjs [OUT_FILE]   (default: ../tests/golden/bittorrent-tracker.jsonl)
+// Usage: node record.mjs [--out FILE] [--tracker URL] [--separate-sockets]
+//   --out FILE          where to write (default: ../protocol/tests/golden/bittorrent-tracker.jsonl)
+//   --tracker URL       drive this tracker instead of starting the npm reference server
+//                       (the interop and differential tests point it at tidepool-tracker)
+//   --separate-sockets  give the second client its own WebSocket (by default the npm client
+//                       shares one socket per tracker URL, so both peers ride one connection)
+// Exits non-zero if any step times out or the two clients never open a data channel.
 // Install first with: npm ci --ignore-scripts
 
 import { writeFileSync, readFileSync } from 'node:fs'
@@ -13,12 +19,24 @@ import { fileURLToPath } from 'node:url'
 import { createRequire } from 'node:module'
 import { Server } from 'bittorrent-tracker'
 import Client from 'bittorrent-tracker/client'
+import WebSocketTracker from 'bittorrent-tracker/websocket-tracker'
 
 const require = createRequire(import.meta.url)
 const { WebSocketServer, WebSocket } = require('ws')
 
 const here = dirname(fileURLToPath(import.meta.url))
-const outFile = process.argv[2] || join(here, '..', 'tests', 'golden', 'bittorrent-tracker.jsonl')
+const args = process.argv.slice(2)
+const arg = name => { const i = args.indexOf(name); return i >= 0 ? args[i + 1] : undefined }
+const outFile = arg('--out') || join(here, '..', 'protocol', 'tests', 'golden', 'bittorrent-tracker.jsonl')
+const trackerUrl = arg('--tracker')
+const separateSockets = args.includes('--separate-sockets')
+
+// simple-peer waits 5 s for an ICE-gathering-complete event that node-datachannel never
+// fires; the tracker client builds its peers here, so shorten that wait for every peer.
+const createPeer = WebSocketTracker.prototype._createPeer
+WebSocketTracker.prototype._createPeer = function (opts) {
+  return createPeer.call(this, { ...opts, iceCompleteTimeout: 300 })
+}
 const version = JSON.parse(readFileSync(join(here, 'node_modules', 'bittorrent-tracker', 'package.json'))).version
 const ndcVersion = JSON.parse(readFileSync(join(here, 'node_modules', 'node-datachannel', 'package.json'))).version
 
@@ -49,18 +67,22 @@ async function waitFor (what, pred, ms = 15_000) {
 function latin1Hex (s) { return Buffer.from(s, 'latin1').toString('hex') }
 
 async function main () {
-  const server = new Server({ udp: false, http: false, ws: true, stats: false })
-  server.on('warning', () => {}) // bad input below is deliberate
-  server.on('error', fail)
-  await new Promise(resolve => server.listen(0, '127.0.0.1', resolve))
-  const serverPort = server.ws.address().port
+  let server = null
+  let upstreamUrl = trackerUrl
+  if (!upstreamUrl) {
+    server = new Server({ udp: false, http: false, ws: true, stats: false })
+    server.on('warning', () => {}) // bad input below is deliberate
+    server.on('error', fail)
+    await new Promise(resolve => server.listen(0, '127.0.0.1', resolve))
+    upstreamUrl = `ws://127.0.0.1:${server.ws.address().port}`
+  }
 
   // The recording proxy: one upstream connection per downstream connection.
   const proxy = new WebSocketServer({ host: '127.0.0.1', port: 0, perMessageDeflate: false })
   await new Promise(resolve => proxy.on('listening', resolve))
   proxy.on('connection', downstream => {
     const conn = ++connCount
-    const upstream = new WebSocket(`ws://127.0.0.1:${serverPort}`, { perMessageDeflate: false })
+    const upstream = new WebSocket(upstreamUrl, { perMessageDeflate: false })
     const pending = []
     upstream.on('open', () => { for (const m of pending) upstream.send(m); pending.length = 0 })
     downstream.on('message', (data, isBinary) => {
@@ -85,10 +107,11 @@ async function main () {
   const peerA = Buffer.from('2d5757303230302d' + '00011f22' + '5c7f80ff' + 'e9416263', 'hex')
   const peerB = Buffer.from('2d5757303230302d' + '0a0d0908' + '0c2f3a7e' + 'a0b0c0d0', 'hex')
   const rtcConfig = { iceServers: [], bindAddress: '127.0.0.1' }
-  const common = { infoHash, announce: [url], port: 6881, rtcConfig, getAnnounceOpts: () => ({ numwant: 2 }) }
+  const common = { infoHash, port: 6881, rtcConfig, getAnnounceOpts: () => ({ numwant: 2 }) }
 
-  const a = new Client({ ...common, peerId: peerA })
-  const b = new Client({ ...common, peerId: peerB })
+  const a = new Client({ ...common, announce: [url], peerId: peerA })
+  // A different URL string is a different socket in the npm client's per-URL pool.
+  const b = new Client({ ...common, announce: [separateSockets ? `${url}/b` : url], peerId: peerB })
   for (const c of [a, b]) { c.on('error', fail); c.on('warning', () => {}) }
 
   // Real data channels between the two clients prove the offers and answers were usable.
@@ -146,12 +169,15 @@ async function main () {
   await new Promise(resolve => a.destroy(resolve))
   await new Promise(resolve => b.destroy(resolve))
   proxy.close()
-  server.close()
+  if (server) server.close()
 
   const meta = {
     meta: {
-      source: `npm bittorrent-tracker ${version} (server and client), node-datachannel ${ndcVersion}, node ${process.version}`,
-      recorded_by: 'protocol/golden/record.mjs',
+      source: trackerUrl
+        ? `npm bittorrent-tracker ${version} client against ${trackerUrl}, node-datachannel ${ndcVersion}, node ${process.version}`
+        : `npm bittorrent-tracker ${version} (server and client), node-datachannel ${ndcVersion}, node ${process.version}`,
+      recorded_by: 'interop/record.mjs',
+      separate_sockets: separateSockets,
       info_hash_hex: infoHash,
       peer_ids_hex: [latin1Hex(peerA.toString('latin1')), latin1Hex(peerB.toString('latin1'))],
       data_channels_opened: connected
