@@ -27,6 +27,9 @@ use crate::config::Config;
 use crate::swarm::{Announce, AnswerPart, ConnId, Output, Request};
 
 const LISTENER: Token = Token(usize::MAX - 1);
+/// Frames read from one connection per loop turn, so a flooding client cannot starve the
+/// others on its worker; the rest are read on the next turn.
+const FRAMES_PER_TURN: usize = 64;
 pub(crate) const WAKER: Token = Token(usize::MAX - 2);
 
 /// A client byte stream: plain TCP or TLS over TCP.
@@ -120,6 +123,9 @@ struct Loop {
     decoder: Decoder,
     scratch: Vec<u8>,
     ws_config: WebSocketConfig,
+    /// Connections that hit `FRAMES_PER_TURN` and may have more input buffered. Edge-triggered
+    /// polling will not report them again, so the loop revisits them itself.
+    again: Vec<usize>,
 }
 
 impl SocketWorker {
@@ -148,6 +154,7 @@ impl SocketWorker {
             decoder,
             scratch: Vec::new(),
             ws_config,
+            again: Vec::new(),
         };
         lp.run()
     }
@@ -159,12 +166,19 @@ impl Loop {
         let tick = Duration::from_millis(250).min(self.w.config.handshake_timeout() / 2);
         let mut next_sweep = Instant::now() + tick;
         while !self.w.shutdown.load(Ordering::Relaxed) {
-            let timeout = next_sweep.saturating_duration_since(Instant::now());
+            let timeout = if self.again.is_empty() {
+                next_sweep.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = self.w.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
+            }
+            for slot in std::mem::take(&mut self.again) {
+                self.advance(slot);
             }
             for event in events.iter() {
                 match event.token() {
@@ -290,7 +304,7 @@ impl Loop {
     }
 
     fn read_frames(&mut self, slot: usize) -> Result<(), CloseReason> {
-        loop {
+        for _ in 0..FRAMES_PER_TURN {
             let Some(Connection {
                 state: State::Open(ws),
                 last_frame,
@@ -343,6 +357,8 @@ impl Loop {
                 Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
             }
         }
+        self.again.push(slot);
+        Ok(())
     }
 
     /// Decodes the frame in `self.scratch` and acts on it.
