@@ -1,14 +1,84 @@
-//! `tidepool-load-test`: load generator for the tracker and for whole pools. The modes arrive
-//! with the load-test issues; until then the binary only reports that it is not built yet.
+//! `tidepool-load-test`: command-line entry point.
 
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use mimalloc::MiMalloc;
+use tidepool_load_test::tracker_load::{self, TrackerLoadConfig};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+/// Load generation for tidepool trackers and pools.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load one tracker with WebSocket peers; count every delivery; report rates and latency.
+    Tracker {
+        /// TOML file with any of the options below (flags given explicitly win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the effective options as TOML and exit.
+        #[arg(long)]
+        print_config: bool,
+        #[command(flatten)]
+        options: TrackerLoadConfig,
+    },
+    /// Build the side-by-side table and chart from a campaign's runs file.
+    Report {
+        /// JSON-lines file written by benchmarks/compare-trackers.
+        #[arg(long)]
+        runs: PathBuf,
+        /// Directory for results.md and throughput.svg.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!(
-        "tidepool-load-test {}: not implemented yet (see the load-test issues)",
-        env!("CARGO_PKG_VERSION")
-    )
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    match cli.command {
+        Command::Tracker {
+            config,
+            print_config,
+            options,
+        } => {
+            let sub = matches
+                .subcommand_matches("tracker")
+                .context("tracker arguments")?;
+            let mut merged = toml::Table::try_from(TrackerLoadConfig::default())?;
+            if let Some(path) = &config {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let file: toml::Table =
+                    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+                merged.extend(file);
+            }
+            for (key, value) in toml::Table::try_from(&options)? {
+                if sub.value_source(&key) == Some(ValueSource::CommandLine) {
+                    merged.insert(key, value);
+                }
+            }
+            let options: TrackerLoadConfig = merged.try_into().context("invalid options")?;
+            if print_config {
+                print!("{}", toml::to_string(&options)?);
+                return Ok(());
+            }
+            let result = tracker_load::run(options)?;
+            if result.totals.connect_failures > 0 && result.totals.responses() == 0 {
+                anyhow::bail!("no connection could be opened");
+            }
+            Ok(())
+        }
+        Command::Report { runs, out } => tidepool_load_test::report::write(&runs, &out),
+    }
 }

@@ -1,0 +1,615 @@
+//! Tracker load: C WebSocket connections announcing with offers into skewed swarms, answering
+//! offers they receive and scraping, while every request and delivery is counted so losses
+//! show. Latency is measured from an announce to its announce response.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio_tungstenite::Connector;
+use tokio_tungstenite::tungstenite::Message;
+
+/// What to run. Every field has a default; a TOML file (`--config`) and flags override them.
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrackerLoadConfig {
+    /// Tracker URL (ws:// or wss://).
+    #[arg(long, default_value = "ws://127.0.0.1:8000")]
+    pub url: String,
+    /// WebSocket connections to open.
+    #[arg(long, default_value_t = 256)]
+    pub connections: usize,
+    /// Threads driving them.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Distinct swarms (info hashes).
+    #[arg(long, default_value_t = 1000)]
+    pub info_hashes: usize,
+    /// Popularity skew: swarm i is picked with weight 1/(i+1)^skew (0 = uniform).
+    #[arg(long, default_value_t = 1.1)]
+    pub skew: f64,
+    /// Swarms each connection joins (its peer announces to one of them per request).
+    #[arg(long, default_value_t = 2)]
+    pub swarms_per_connection: usize,
+    /// Offers per announce (also its numwant).
+    #[arg(long, default_value_t = 5)]
+    pub offers: usize,
+    /// Bytes of SDP per offer and answer.
+    #[arg(long, default_value_t = 900)]
+    pub sdp_bytes: usize,
+    /// Fraction of received offers that are answered.
+    #[arg(long, default_value_t = 0.5)]
+    pub answer_fraction: f64,
+    /// Fraction of requests that are scrapes.
+    #[arg(long, default_value_t = 0.05)]
+    pub scrape_fraction: f64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Seconds to keep reading after the load stops, so in-flight deliveries are counted.
+    #[arg(long, default_value_t = 2)]
+    pub drain: u64,
+    /// Accept any TLS certificate (self-signed benchmark certificates).
+    #[arg(long, default_value_t = false)]
+    pub insecure: bool,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+    /// Print no per-second progress line.
+    #[arg(long, default_value_t = false)]
+    pub quiet: bool,
+}
+
+impl Default for TrackerLoadConfig {
+    fn default() -> Self {
+        Self {
+            url: "ws://127.0.0.1:8000".into(),
+            connections: 256,
+            workers: 1,
+            info_hashes: 1000,
+            skew: 1.1,
+            swarms_per_connection: 2,
+            offers: 5,
+            sdp_bytes: 900,
+            answer_fraction: 0.5,
+            scrape_fraction: 0.05,
+            duration: 10,
+            drain: 2,
+            insecure: false,
+            json_out: None,
+            quiet: false,
+        }
+    }
+}
+
+/// Counters shared by every connection.
+#[derive(Debug, Default)]
+struct Counters {
+    announces_sent: AtomicU64,
+    scrapes_sent: AtomicU64,
+    answers_sent: AtomicU64,
+    announce_responses: AtomicU64,
+    offers_expected: AtomicU64,
+    offers_received: AtomicU64,
+    answers_received: AtomicU64,
+    scrape_responses: AtomicU64,
+    errors: AtomicU64,
+    connect_failures: AtomicU64,
+    timeouts: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> Totals {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Totals {
+            announces_sent: g(&self.announces_sent),
+            scrapes_sent: g(&self.scrapes_sent),
+            answers_sent: g(&self.answers_sent),
+            announce_responses: g(&self.announce_responses),
+            offers_expected: g(&self.offers_expected),
+            offers_received: g(&self.offers_received),
+            answers_received: g(&self.answers_received),
+            scrape_responses: g(&self.scrape_responses),
+            errors: g(&self.errors),
+            connect_failures: g(&self.connect_failures),
+            timeouts: g(&self.timeouts),
+        }
+    }
+}
+
+/// Totals at one instant.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Totals {
+    /// Announces sent (with offers).
+    pub announces_sent: u64,
+    /// Scrapes sent.
+    pub scrapes_sent: u64,
+    /// Answers sent (to offers received).
+    pub answers_sent: u64,
+    /// Announce responses received.
+    pub announce_responses: u64,
+    /// Offers the tracker should have forwarded: min(offers, swarm size − 1) per announce.
+    pub offers_expected: u64,
+    /// Offers received.
+    pub offers_received: u64,
+    /// Answers received.
+    pub answers_received: u64,
+    /// Scrape responses received.
+    pub scrape_responses: u64,
+    /// Failure replies received.
+    pub errors: u64,
+    /// Connections that could not be opened.
+    pub connect_failures: u64,
+    /// Requests whose response did not come within 10 s.
+    pub timeouts: u64,
+}
+
+impl Totals {
+    /// Every frame received from the tracker.
+    pub fn responses(&self) -> u64 {
+        self.announce_responses
+            + self.offers_received
+            + self.answers_received
+            + self.scrape_responses
+            + self.errors
+    }
+
+    /// Every request sent to the tracker.
+    pub fn requests(&self) -> u64 {
+        self.announces_sent + self.scrapes_sent + self.answers_sent
+    }
+
+    fn minus(&self, o: &Totals) -> Totals {
+        Totals {
+            announces_sent: self.announces_sent - o.announces_sent,
+            scrapes_sent: self.scrapes_sent - o.scrapes_sent,
+            answers_sent: self.answers_sent - o.answers_sent,
+            announce_responses: self.announce_responses - o.announce_responses,
+            offers_expected: self.offers_expected - o.offers_expected,
+            offers_received: self.offers_received - o.offers_received,
+            answers_received: self.answers_received - o.answers_received,
+            scrape_responses: self.scrape_responses - o.scrape_responses,
+            errors: self.errors - o.errors,
+            connect_failures: self.connect_failures - o.connect_failures,
+            timeouts: self.timeouts - o.timeouts,
+        }
+    }
+}
+
+/// Announce → response latency percentiles, in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Slowest.
+    pub max_us: u64,
+}
+
+/// A whole run's result, as written to `--json-out`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrackerLoadResult {
+    /// The tester that produced it.
+    pub tester: String,
+    /// What ran.
+    pub config: TrackerLoadConfig,
+    /// Seconds of load (excluding the drain).
+    pub seconds: f64,
+    /// Totals after the drain.
+    pub totals: Totals,
+    /// Frames received per second of load.
+    pub responses_per_sec: f64,
+    /// Requests sent per second of load.
+    pub requests_per_sec: f64,
+    /// Offers delivered per second of load.
+    pub offers_per_sec: f64,
+    /// Answers delivered per second of load.
+    pub answers_per_sec: f64,
+    /// Offers expected but never delivered.
+    pub offers_lost: u64,
+    /// Answers sent but never delivered.
+    pub answers_lost: u64,
+    /// Announce → announce response latency.
+    pub latency: Latency,
+    /// Per-second deltas during the load.
+    pub samples: Vec<Totals>,
+}
+
+/// Picks swarm indexes with a Zipf-like skew: a few hot swarms, a long tail.
+struct Popularity {
+    cumulative: Vec<f64>,
+}
+
+impl Popularity {
+    fn new(n: usize, skew: f64) -> Self {
+        let mut acc = 0.0;
+        let cumulative = (0..n.max(1))
+            .map(|i| {
+                acc += 1.0 / ((i + 1) as f64).powf(skew);
+                acc
+            })
+            .collect();
+        Self { cumulative }
+    }
+
+    fn pick(&self, rng: &mut fastrand::Rng) -> usize {
+        let total = self.cumulative.last().copied().unwrap_or(1.0);
+        let x = rng.f64() * total;
+        self.cumulative
+            .partition_point(|&c| c < x)
+            .min(self.cumulative.len() - 1)
+    }
+}
+
+fn id20(prefix: u8, n: u64) -> String {
+    let mut b = [b'0'; 20];
+    b[0] = prefix;
+    let digits = format!("{n:019}");
+    b[1..].copy_from_slice(&digits.as_bytes()[digits.len() - 19..]);
+    b.iter().map(|&c| c as char).collect()
+}
+
+fn sdp(bytes: usize, tag: &str) -> String {
+    let mut s = format!("v=0\r\no=- {tag} 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n");
+    while s.len() < bytes {
+        s.push_str("a=candidate:1 1 UDP 2114977791 127.0.0.1 46280 typ host\r\n");
+    }
+    s.truncate(bytes.max(16));
+    s
+}
+
+/// Runs the load and returns the result (also printed, and written when `json_out` is set).
+pub fn run(config: TrackerLoadConfig) -> anyhow::Result<TrackerLoadResult> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers.max(1))
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run_async(config))
+}
+
+async fn run_async(config: TrackerLoadConfig) -> anyhow::Result<TrackerLoadResult> {
+    let config = Arc::new(config);
+    let counters = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let popularity = Arc::new(Popularity::new(config.info_hashes, config.skew));
+    let connector = if config.url.starts_with("wss://") {
+        Some(Connector::Rustls(Arc::new(crate::tls::client_config(
+            config.insecure,
+        )?)))
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let load_end = started + Duration::from_secs(config.duration);
+    let drain_end = load_end + Duration::from_secs(config.drain);
+
+    let mut tasks = Vec::with_capacity(config.connections);
+    for i in 0..config.connections {
+        let (config, counters, stop, popularity, connector) = (
+            config.clone(),
+            counters.clone(),
+            stop.clone(),
+            popularity.clone(),
+            connector.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            connection(i, config, counters, stop, popularity, connector, drain_end).await
+        }));
+        // Open connections in waves so the tracker's accept queue is not the first thing measured.
+        if i % 64 == 63 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    let mut samples = Vec::new();
+    let mut last = counters.snapshot();
+    while Instant::now() < load_end {
+        tokio::time::sleep(
+            Duration::from_secs(1).min(load_end.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        let now = counters.snapshot();
+        let d = now.minus(&last);
+        if !config.quiet {
+            eprintln!(
+                "[{:>4.0}s] req/s {:>7} resp/s {:>7} | announce {:>6} offers {:>6} answers {:>6} scrapes {:>5} errors {:>4}",
+                started.elapsed().as_secs_f64(),
+                d.requests(),
+                d.responses(),
+                d.announce_responses,
+                d.offers_received,
+                d.answers_received,
+                d.scrape_responses,
+                d.errors + d.timeouts,
+            );
+        }
+        samples.push(d);
+        last = now;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?;
+    for t in tasks {
+        if let Ok(h) = t.await {
+            let _ = hist.add(&h);
+        }
+    }
+    let totals = counters.snapshot();
+    let result = TrackerLoadResult {
+        tester: "tidepool-load-test".into(),
+        config: (*config).clone(),
+        seconds,
+        totals,
+        responses_per_sec: totals.responses() as f64 / seconds,
+        requests_per_sec: totals.requests() as f64 / seconds,
+        offers_per_sec: totals.offers_received as f64 / seconds,
+        answers_per_sec: totals.answers_received as f64 / seconds,
+        offers_lost: totals
+            .offers_expected
+            .saturating_sub(totals.offers_received),
+        answers_lost: totals.answers_sent.saturating_sub(totals.answers_received),
+        latency: Latency {
+            count: hist.len(),
+            p50_us: hist.value_at_quantile(0.5),
+            p90_us: hist.value_at_quantile(0.9),
+            p99_us: hist.value_at_quantile(0.99),
+            p999_us: hist.value_at_quantile(0.999),
+            max_us: hist.max(),
+        },
+        samples,
+    };
+    print_summary(&result);
+    if let Some(path) = &config.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(result)
+}
+
+fn print_summary(r: &TrackerLoadResult) {
+    let t = &r.totals;
+    println!(
+        "tidepool-load-test tracker: {} for {:.1} s ({} connections, {} swarms)",
+        r.config.url, r.seconds, r.config.connections, r.config.info_hashes
+    );
+    println!(
+        "  requests   {:>10} ({:.0}/s): announces {}, answers {}, scrapes {}",
+        t.requests(),
+        r.requests_per_sec,
+        t.announces_sent,
+        t.answers_sent,
+        t.scrapes_sent
+    );
+    println!(
+        "  responses  {:>10} ({:.0}/s): announce {}, offers {}, answers {}, scrapes {}, errors {}",
+        t.responses(),
+        r.responses_per_sec,
+        t.announce_responses,
+        t.offers_received,
+        t.answers_received,
+        t.scrape_responses,
+        t.errors
+    );
+    println!(
+        "  offers     expected {} delivered {} lost {}",
+        t.offers_expected, t.offers_received, r.offers_lost
+    );
+    println!(
+        "  answers    sent {} delivered {} lost {}",
+        t.answers_sent, t.answers_received, r.answers_lost
+    );
+    println!(
+        "  latency    announce→response p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, max {} µs ({} samples)",
+        r.latency.p50_us,
+        r.latency.p90_us,
+        r.latency.p99_us,
+        r.latency.p999_us,
+        r.latency.max_us,
+        r.latency.count
+    );
+    if t.connect_failures + t.timeouts > 0 {
+        println!(
+            "  problems   connect failures {}, timeouts {}",
+            t.connect_failures, t.timeouts
+        );
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connection(
+    index: usize,
+    config: Arc<TrackerLoadConfig>,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    popularity: Arc<Popularity>,
+    connector: Option<Connector>,
+    drain_end: Instant,
+) -> Histogram<u64> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|_| unreachable!("valid bounds"));
+    let connect =
+        tokio_tungstenite::connect_async_tls_with_config(&config.url, None, true, connector);
+    let mut ws: Ws = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok((ws, _))) => ws,
+        _ => {
+            counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+            return hist;
+        }
+    };
+    let mut rng = fastrand::Rng::with_seed(index as u64 * 7919 + 1);
+    let peer_id = id20(b'-', index as u64);
+    let swarms: Vec<String> = (0..config.swarms_per_connection.max(1))
+        .map(|_| id20(b'h', popularity.pick(&mut rng) as u64))
+        .collect();
+    let offer_sdp = sdp(config.sdp_bytes, &format!("{index}"));
+    let answer_sdp = sdp(config.sdp_bytes, &format!("a{index}"));
+    let mut round = 0u64;
+
+    'requests: while !stop.load(Ordering::Relaxed) {
+        round += 1;
+        let info_hash = &swarms[rng.usize(..swarms.len())];
+        let scrape = rng.f64() < config.scrape_fraction;
+        let request = if scrape {
+            counters.scrapes_sent.fetch_add(1, Ordering::Relaxed);
+            json!({"action": "scrape", "info_hash": info_hash})
+        } else {
+            counters.announces_sent.fetch_add(1, Ordering::Relaxed);
+            let offers: Vec<Value> = (0..config.offers)
+                .map(|i| json!({"offer_id": id20(b'o', round * 64 + i as u64), "offer": {"type": "offer", "sdp": offer_sdp}}))
+                .collect();
+            json!({"action": "announce", "info_hash": info_hash, "peer_id": peer_id,
+                   "numwant": config.offers, "uploaded": 0, "downloaded": 0, "left": 1,
+                   "event": if round == 1 { "started" } else { "update" }, "offers": offers})
+        };
+        if ws.send(Message::text(request.to_string())).await.is_err() {
+            break;
+        }
+        let sent_at = Instant::now();
+        loop {
+            let Some(v) = next_json(&mut ws, &counters).await else {
+                break 'requests;
+            };
+            match classify(&v) {
+                Kind::Offer
+                    if rng.f64() < config.answer_fraction && !stop.load(Ordering::Relaxed) =>
+                {
+                    let answer = json!({"action": "announce", "info_hash": v["info_hash"], "peer_id": peer_id,
+                        "to_peer_id": v["peer_id"], "offer_id": v["offer_id"],
+                        "answer": {"type": "answer", "sdp": answer_sdp}});
+                    if ws.send(Message::text(answer.to_string())).await.is_err() {
+                        break 'requests;
+                    }
+                    counters.answers_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Kind::Answer => {}
+                Kind::AnnounceResponse(size) if !scrape => {
+                    let _ = hist.record(sent_at.elapsed().as_micros().max(1) as u64);
+                    let forwarded = (config.offers as u64).min(size.saturating_sub(1));
+                    counters
+                        .offers_expected
+                        .fetch_add(forwarded, Ordering::Relaxed);
+                    break;
+                }
+                Kind::Scrape if scrape => break,
+                Kind::Failure => break,
+                _ => {}
+            }
+        }
+    }
+    // Drain: count deliveries still in flight, answer nothing new.
+    while Instant::now() < drain_end {
+        let left = drain_end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if let Ok(v) = serde_json::from_str::<Value>(&t) {
+                    count(&v, &counters);
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    let _ = ws.close(None).await;
+    hist
+}
+
+enum Kind {
+    AnnounceResponse(u64),
+    Offer,
+    Answer,
+    Scrape,
+    Failure,
+    Other,
+}
+
+fn classify(v: &Value) -> Kind {
+    if v.get("failure reason").is_some() {
+        Kind::Failure
+    } else if v.get("offer").is_some() {
+        Kind::Offer
+    } else if v.get("answer").is_some() {
+        Kind::Answer
+    } else if v.get("files").is_some() {
+        Kind::Scrape
+    } else if v.get("interval").is_some() || v.get("complete").is_some() {
+        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Kind::AnnounceResponse(n("complete") + n("incomplete"))
+    } else {
+        Kind::Other
+    }
+}
+
+fn count(v: &Value, c: &Counters) {
+    let counter = match classify(v) {
+        Kind::AnnounceResponse(_) => &c.announce_responses,
+        Kind::Offer => &c.offers_received,
+        Kind::Answer => &c.answers_received,
+        Kind::Scrape => &c.scrape_responses,
+        Kind::Failure => &c.errors,
+        Kind::Other => return,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The next text frame as JSON (counted), or `None` when the connection ends or stalls.
+async fn next_json(ws: &mut Ws, counters: &Counters) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Err(_) => {
+                counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(&t).ok()?;
+                count(&v, counters);
+                return Some(v);
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn popularity_is_skewed_toward_the_first_swarms() {
+        let p = Popularity::new(1000, 1.1);
+        let mut rng = fastrand::Rng::with_seed(1);
+        let picks: Vec<usize> = (0..10_000).map(|_| p.pick(&mut rng)).collect();
+        let hot = picks.iter().filter(|&&i| i < 10).count();
+        let tail = picks.iter().filter(|&&i| i >= 500).count();
+        assert!(hot > 3000, "hot swarms get a large share: {hot}");
+        assert!(tail > 300, "the tail is still visited: {tail}");
+        assert!(picks.iter().all(|&i| i < 1000));
+        let uniform = Popularity::new(10, 0.0);
+        let picks: Vec<usize> = (0..10_000).map(|_| uniform.pick(&mut rng)).collect();
+        assert!(picks.iter().filter(|&&i| i == 0).count() < 1300);
+    }
+
+    #[test]
+    fn ids_are_20_code_points_and_distinct() {
+        assert_eq!(id20(b'h', 5).chars().count(), 20);
+        assert_ne!(id20(b'h', 5), id20(b'h', 6));
+        assert_eq!(sdp(900, "x").len(), 900);
+    }
+}

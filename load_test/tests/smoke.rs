@@ -1,0 +1,79 @@
+//! Smoke load against a real tracker in-process: a few seconds at low load must deliver every
+//! offer and answer (ws and wss), and the JSON result must say so.
+
+use tidepool_load_test::tracker_load::{TrackerLoadConfig, TrackerLoadResult, run};
+use tidepool_tracker::{Config, Tracker};
+
+fn tracker(tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> Tracker {
+    let mut c = Config::default();
+    c.network.listen = "127.0.0.1:0".parse().expect("addr");
+    c.workers.socket_workers = 2;
+    c.workers.swarm_workers = 2;
+    if let Some((cert, key)) = tls {
+        c.network.tls_cert = Some(cert);
+        c.network.tls_key = Some(key);
+    }
+    Tracker::start(c).expect("tracker starts")
+}
+
+fn smoke(url: String, insecure: bool, json_out: Option<std::path::PathBuf>) -> TrackerLoadResult {
+    run(TrackerLoadConfig {
+        url,
+        connections: 32,
+        info_hashes: 20,
+        duration: 2,
+        drain: 1,
+        insecure,
+        json_out,
+        quiet: true,
+        ..TrackerLoadConfig::default()
+    })
+    .expect("load runs")
+}
+
+fn assert_nothing_lost(r: &TrackerLoadResult) {
+    let t = &r.totals;
+    assert_eq!(t.connect_failures, 0);
+    assert_eq!(t.errors + t.timeouts, 0, "{t:?}");
+    assert!(t.announce_responses > 50, "{t:?}");
+    assert!(t.offers_received > 50 && t.answers_received > 10, "{t:?}");
+    assert_eq!(r.offers_lost, 0, "{t:?}");
+    assert_eq!(r.answers_lost, 0, "{t:?}");
+    assert_eq!(
+        t.announce_responses, t.announces_sent,
+        "every announce answered"
+    );
+    assert!(r.latency.count == t.announce_responses && r.latency.p50_us > 0);
+}
+
+#[test]
+fn ws_smoke_load_loses_no_offer_or_answer() {
+    let t = tracker(None);
+    let dir = std::env::temp_dir().join(format!("tidepool-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let out = dir.join("result.json");
+    let r = smoke(t.url(), false, Some(out.clone()));
+    assert_nothing_lost(&r);
+    let written: TrackerLoadResult =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("json written"))
+            .expect("parses");
+    assert_eq!(written.totals, r.totals);
+    assert!(!written.samples.is_empty());
+    t.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn wss_smoke_load_loses_no_offer_or_answer() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let dir = std::env::temp_dir().join(format!("tidepool-smoke-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("c.pem"), cert.cert.pem()).expect("cert");
+    std::fs::write(dir.join("k.pem"), cert.signing_key.serialize_pem()).expect("key");
+    let t = tracker(Some((dir.join("c.pem"), dir.join("k.pem"))));
+    assert!(t.url().starts_with("wss://"));
+    let r = smoke(t.url(), true, None);
+    assert_nothing_lost(&r);
+    t.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
