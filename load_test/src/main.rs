@@ -32,6 +32,11 @@ enum Command {
         #[command(flatten)]
         options: TrackerLoadConfig,
     },
+    /// Open K connections that announce once and stay idle (for RSS per connection).
+    Idle {
+        #[command(flatten)]
+        options: tidepool_load_test::idle::IdleConfig,
+    },
     /// Build the side-by-side table and chart from a campaign's runs file.
     Report {
         /// JSON-lines file written by benchmarks/compare-trackers.
@@ -77,6 +82,15 @@ fn main() -> anyhow::Result<()> {
             if result.totals.connect_failures > 0 && result.totals.responses() == 0 {
                 anyhow::bail!("no connection could be opened");
             }
+            Ok(())
+        }
+        Command::Idle { options } => {
+            let want = options.connections;
+            let opened = tidepool_load_test::idle::run(options)?;
+            anyhow::ensure!(
+                opened == want,
+                "only {opened} of {want} connections announced"
+            );
             Ok(())
         }
         Command::Report { runs, out } => tidepool_load_test::report::write(&runs, &out),

@@ -224,6 +224,8 @@ pub struct TrackerLoadResult {
     pub answers_lost: u64,
     /// Announce → announce response latency.
     pub latency: Latency,
+    /// Whether the tracker answers an answer with an announce response (probed at start).
+    pub answers_get_responses: bool,
     /// Per-second deltas during the load.
     pub samples: Vec<Totals>,
 }
@@ -285,7 +287,6 @@ async fn run_async(config: TrackerLoadConfig) -> anyhow::Result<TrackerLoadResul
     let config = Arc::new(config);
     let counters = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let popularity = Arc::new(Popularity::new(config.info_hashes, config.skew));
     let connector = if config.url.starts_with("wss://") {
         Some(Connector::Rustls(Arc::new(crate::tls::client_config(
             config.insecure,
@@ -293,22 +294,25 @@ async fn run_async(config: TrackerLoadConfig) -> anyhow::Result<TrackerLoadResul
     } else {
         None
     };
+    let answers_acked = probe_answer_acks(&config.url, connector.clone())
+        .await
+        .context("probing the tracker (announce, offer, answer)")?;
     let started = Instant::now();
     let load_end = started + Duration::from_secs(config.duration);
     let drain_end = load_end + Duration::from_secs(config.drain);
 
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        counters: counters.clone(),
+        stop: stop.clone(),
+        popularity: Popularity::new(config.info_hashes, config.skew),
+        connector,
+        drain_end,
+        answers_acked,
+    });
     let mut tasks = Vec::with_capacity(config.connections);
     for i in 0..config.connections {
-        let (config, counters, stop, popularity, connector) = (
-            config.clone(),
-            counters.clone(),
-            stop.clone(),
-            popularity.clone(),
-            connector.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            connection(i, config, counters, stop, popularity, connector, drain_end).await
-        }));
+        tasks.push(tokio::spawn(connection(i, shared.clone())));
         // Open connections in waves so the tracker's accept queue is not the first thing measured.
         if i % 64 == 63 {
             tokio::task::yield_now().await;
@@ -372,6 +376,7 @@ async fn run_async(config: TrackerLoadConfig) -> anyhow::Result<TrackerLoadResul
             max_us: hist.max(),
         },
         samples,
+        answers_get_responses: answers_acked,
     };
     print_summary(&result);
     if let Some(path) = &config.json_out {
@@ -422,6 +427,14 @@ fn print_summary(r: &TrackerLoadResult) {
         r.latency.max_us,
         r.latency.count
     );
+    println!(
+        "  tracker    {} announce responses to answers",
+        if r.answers_get_responses {
+            "sends"
+        } else {
+            "sends no"
+        }
+    );
     if t.connect_failures + t.timeouts > 0 {
         println!(
             "  problems   connect failures {}, timeouts {}",
@@ -433,15 +446,28 @@ fn print_summary(r: &TrackerLoadResult) {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connection(
-    index: usize,
+/// What every connection task shares.
+struct Shared {
     config: Arc<TrackerLoadConfig>,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
-    popularity: Arc<Popularity>,
+    popularity: Popularity,
     connector: Option<Connector>,
     drain_end: Instant,
-) -> Histogram<u64> {
+    answers_acked: bool,
+}
+
+async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
+    let Shared {
+        config,
+        counters,
+        stop,
+        popularity,
+        connector,
+        drain_end,
+        answers_acked,
+    } = &*shared;
+    let (connector, drain_end, answers_acked) = (connector.clone(), *drain_end, *answers_acked);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
         .unwrap_or_else(|_| unreachable!("valid bounds"));
     let connect =
@@ -461,6 +487,11 @@ async fn connection(
     let offer_sdp = sdp(config.sdp_bytes, &format!("{index}"));
     let answer_sdp = sdp(config.sdp_bytes, &format!("a{index}"));
     let mut round = 0u64;
+    // Some trackers (aquatic_ws) send an announce response for every answer, others (the npm
+    // reference, tidepool) none. Responses come back in request order, so answer acks due
+    // before the pending request's response are skipped, not mistaken for it.
+    let mut acks_before = 0u64;
+    let mut acks_after = 0u64;
 
     'requests: while !stop.load(Ordering::Relaxed) {
         round += 1;
@@ -483,7 +514,7 @@ async fn connection(
         }
         let sent_at = Instant::now();
         loop {
-            let Some(v) = next_json(&mut ws, &counters).await else {
+            let Some(v) = next_json(&mut ws, counters).await else {
                 break 'requests;
             };
             match classify(&v) {
@@ -497,9 +528,14 @@ async fn connection(
                         break 'requests;
                     }
                     counters.answers_sent.fetch_add(1, Ordering::Relaxed);
+                    if answers_acked {
+                        acks_after += 1;
+                    }
                 }
                 Kind::Answer => {}
-                Kind::AnnounceResponse(size) if !scrape => {
+                Kind::AnnounceResponse(_) if acks_before > 0 => acks_before -= 1,
+                Kind::AnnounceResponse(_) if scrape => acks_after = acks_after.saturating_sub(1),
+                Kind::AnnounceResponse(size) => {
                     let _ = hist.record(sent_at.elapsed().as_micros().max(1) as u64);
                     let forwarded = (config.offers as u64).min(size.saturating_sub(1));
                     counters
@@ -512,6 +548,7 @@ async fn connection(
                 _ => {}
             }
         }
+        acks_before += std::mem::take(&mut acks_after);
     }
     // Drain: count deliveries still in flight, answer nothing new.
     while Instant::now() < drain_end {
@@ -519,7 +556,7 @@ async fn connection(
         match tokio::time::timeout(left, ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
                 if let Ok(v) = serde_json::from_str::<Value>(&t) {
-                    count(&v, &counters);
+                    count(&v, counters);
                 }
             }
             Ok(Some(Ok(_))) => {}
@@ -528,6 +565,47 @@ async fn connection(
     }
     let _ = ws.close(None).await;
     hist
+}
+
+/// Finds out whether the tracker sends an announce response for an answer: one peer offers,
+/// the other answers and listens briefly for anything else.
+async fn probe_answer_acks(url: &str, connector: Option<Connector>) -> anyhow::Result<bool> {
+    let connect =
+        || tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector.clone());
+    let (mut a, _) = tokio::time::timeout(Duration::from_secs(10), connect()).await??;
+    let (mut b, _) = tokio::time::timeout(Duration::from_secs(10), connect()).await??;
+    let info_hash = id20(b'P', fastrand::u64(..));
+    let (pa, pb) = (id20(b'A', fastrand::u64(..)), id20(b'B', fastrand::u64(..)));
+    a.send(Message::text(json!({"action": "announce", "info_hash": info_hash, "peer_id": pa, "left": 1, "numwant": 0}).to_string())).await?;
+    recv(&mut a).await.context("no announce response")?;
+    let offer = json!({"offer_id": id20(b'o', 1), "offer": {"type": "offer", "sdp": "probe"}});
+    b.send(Message::text(json!({"action": "announce", "info_hash": info_hash, "peer_id": pb, "left": 1, "numwant": 1, "offers": [offer]}).to_string())).await?;
+    let offered = loop {
+        let v = recv(&mut a).await.context("the offer was not forwarded")?;
+        if v.get("offer").is_some() {
+            break v;
+        }
+    };
+    a.send(Message::text(json!({"action": "announce", "info_hash": info_hash, "peer_id": pa,
+        "to_peer_id": offered["peer_id"], "offer_id": offered["offer_id"], "answer": {"type": "answer", "sdp": "probe"}}).to_string())).await?;
+    let acked = matches!(
+        tokio::time::timeout(Duration::from_millis(500), recv(&mut a)).await,
+        Ok(Some(v)) if matches!(classify(&v), Kind::AnnounceResponse(_))
+    );
+    let _ = a.close(None).await;
+    let _ = b.close(None).await;
+    Ok(acked)
+}
+
+/// The next text frame as JSON within 5 s, uncounted (probe traffic).
+async fn recv(ws: &mut Ws) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str::<Value>(&t).ok(),
+            Ok(Some(Ok(_))) => continue,
+            _ => return None,
+        }
+    }
 }
 
 enum Kind {

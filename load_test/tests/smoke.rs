@@ -44,6 +44,7 @@ fn assert_nothing_lost(r: &TrackerLoadResult) {
         "every announce answered"
     );
     assert!(r.latency.count == t.announce_responses && r.latency.p50_us > 0);
+    assert!(!r.answers_get_responses, "tidepool, like the reference, does not respond to answers");
 }
 
 #[test]

@@ -85,8 +85,9 @@ struct Connection {
     opened: Instant,
     last_frame: Instant,
     ping_sent: bool,
-    /// Swarms this connection joined (bounded by `max_swarms_per_connection`).
-    swarms: Vec<InfoHash>,
+    /// Swarms this connection joined (bounded by `max_swarms_per_connection`). A set: clients
+    /// like aquatic's load tester announce into thousands of swarms on one connection.
+    swarms: ahash::AHashSet<InfoHash>,
     scrapes: Vec<PendingScrape>,
 }
 
@@ -268,7 +269,7 @@ impl Loop {
                 opened: now,
                 last_frame: now,
                 ping_sent: false,
-                swarms: Vec::new(),
+                swarms: ahash::AHashSet::new(),
                 scrapes: Vec::new(),
             });
         }
@@ -436,7 +437,7 @@ impl Loop {
                 self.failure(slot, &reason, Action::Announce, Some(a.info_hash));
                 return;
             }
-            conn.swarms.push(a.info_hash);
+            conn.swarms.insert(a.info_hash);
         }
         let info_hash = a.info_hash;
         let shard = self.shard_of(&info_hash);
