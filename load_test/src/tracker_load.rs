@@ -49,6 +49,11 @@ pub struct TrackerLoadConfig {
     /// Fraction of requests that are scrapes.
     #[arg(long, default_value_t = 0.05)]
     pub scrape_fraction: f64,
+    /// Milliseconds between one connection's requests (0 = send the next as soon as the
+    /// response arrives). Fixes the offered rate at connections × 1000 / pace_ms per second,
+    /// for latency at a given load rather than at saturation.
+    #[arg(long, default_value_t = 0)]
+    pub pace_ms: u64,
     /// Seconds of load.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -79,6 +84,7 @@ impl Default for TrackerLoadConfig {
             sdp_bytes: 900,
             answer_fraction: 0.5,
             scrape_fraction: 0.05,
+            pace_ms: 0,
             duration: 10,
             drain: 2,
             insecure: false,
@@ -513,9 +519,29 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
             break;
         }
         let sent_at = Instant::now();
+        // With pacing, keep serving offers and answers until the next request is due.
+        let next_send = sent_at + Duration::from_millis(config.pace_ms);
+        let mut done = false;
         loop {
-            let Some(v) = next_json(&mut ws, counters).await else {
-                break 'requests;
+            let wait = if done {
+                match next_send.checked_duration_since(Instant::now()) {
+                    Some(d) if !d.is_zero() => d,
+                    _ => break,
+                }
+            } else {
+                Duration::from_secs(10)
+            };
+            let v = match next_json(&mut ws, wait).await {
+                Next::Frame(v) => {
+                    count(&v, counters);
+                    v
+                }
+                Next::Timeout if done => break,
+                Next::Timeout => {
+                    counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                    break 'requests;
+                }
+                Next::Closed => break 'requests,
             };
             match classify(&v) {
                 Kind::Offer
@@ -534,17 +560,19 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
                 }
                 Kind::Answer => {}
                 Kind::AnnounceResponse(_) if acks_before > 0 => acks_before -= 1,
-                Kind::AnnounceResponse(_) if scrape => acks_after = acks_after.saturating_sub(1),
+                Kind::AnnounceResponse(_) if scrape || done => {
+                    acks_after = acks_after.saturating_sub(1)
+                }
                 Kind::AnnounceResponse(size) => {
                     let _ = hist.record(sent_at.elapsed().as_micros().max(1) as u64);
                     let forwarded = (config.offers as u64).min(size.saturating_sub(1));
                     counters
                         .offers_expected
                         .fetch_add(forwarded, Ordering::Relaxed);
-                    break;
+                    done = true;
                 }
-                Kind::Scrape if scrape => break,
-                Kind::Failure => break,
+                Kind::Scrape if scrape => done = true,
+                Kind::Failure => done = true,
                 _ => {}
             }
         }
@@ -646,21 +674,25 @@ fn count(v: &Value, c: &Counters) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The next text frame as JSON (counted), or `None` when the connection ends or stalls.
-async fn next_json(ws: &mut Ws, counters: &Counters) -> Option<Value> {
+enum Next {
+    Frame(Value),
+    Timeout,
+    Closed,
+}
+
+/// The next text frame as JSON, waiting at most `wait`.
+async fn next_json(ws: &mut Ws, wait: Duration) -> Next {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-            Err(_) => {
-                counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
+        match tokio::time::timeout(wait, ws.next()).await {
+            Err(_) => return Next::Timeout,
             Ok(Some(Ok(Message::Text(t)))) => {
-                let v: Value = serde_json::from_str(&t).ok()?;
-                count(&v, counters);
-                return Some(v);
+                return match serde_json::from_str(&t) {
+                    Ok(v) => Next::Frame(v),
+                    Err(_) => Next::Closed,
+                };
             }
             Ok(Some(Ok(_))) => continue,
-            Ok(_) => return None,
+            Ok(_) => return Next::Closed,
         }
     }
 }

@@ -44,7 +44,10 @@ fn assert_nothing_lost(r: &TrackerLoadResult) {
         "every announce answered"
     );
     assert!(r.latency.count == t.announce_responses && r.latency.p50_us > 0);
-    assert!(!r.answers_get_responses, "tidepool, like the reference, does not respond to answers");
+    assert!(
+        !r.answers_get_responses,
+        "tidepool, like the reference, does not respond to answers"
+    );
 }
 
 #[test]
@@ -77,4 +80,26 @@ fn wss_smoke_load_loses_no_offer_or_answer() {
     assert_nothing_lost(&r);
     t.shutdown();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn paced_load_offers_the_configured_rate() {
+    let t = tracker(None);
+    let r = run(TrackerLoadConfig {
+        url: t.url(),
+        connections: 20,
+        info_hashes: 10,
+        duration: 2,
+        drain: 1,
+        pace_ms: 50,
+        scrape_fraction: 0.0,
+        quiet: true,
+        ..TrackerLoadConfig::default()
+    })
+    .expect("load runs");
+    // 20 connections × 20 requests/s × 2 s = 800 announces, give or take start-up.
+    let sent = r.totals.announces_sent;
+    assert!((500..=900).contains(&sent), "paced to ~800, sent {sent}");
+    assert_eq!(r.offers_lost + r.answers_lost, 0);
+    t.shutdown();
 }
