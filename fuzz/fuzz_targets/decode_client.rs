@@ -7,6 +7,22 @@ use libfuzzer_sys::fuzz_target;
 use tidepool_protocol::tracker::{Decoder, ServerMessage};
 
 fuzz_target!(|data: &[u8]| {
+    // Verbatim decoding (what the tracker uses) must agree with plain decoding.
+    if let Ok(text) = std::str::from_utf8(data) {
+        let plain = Decoder::default().decode_client(&mut data.to_vec(), |m| format!("{m:?}"));
+        let verbatim = Decoder::default().decode_client_verbatim(text, |m| {
+            if let Ok(m) = &m {
+                // A verbatim copy must itself decode as the same message.
+                let mut out = Vec::new();
+                m.encode(&mut out);
+                Decoder::default().decode_client(&mut out, |again| {
+                    assert_eq!(again.as_ref().ok(), Some(m), "verbatim re-encoding decodes unchanged");
+                });
+            }
+            m.is_ok()
+        });
+        assert_eq!(verbatim, plain.starts_with("Ok("), "verbatim and plain decoding agree");
+    }
     let mut frame = data.to_vec();
     let mut decoder = Decoder::default();
     let mut check = Decoder::default();

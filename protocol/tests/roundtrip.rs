@@ -233,3 +233,104 @@ fn arbitrary_object() -> impl Strategy<Value = serde_json::Value> {
     proptest::collection::btree_map("[a-z]{1,6}", tree, 0..6)
         .prop_map(|m| Value::Object(m.into_iter().collect()))
 }
+
+/// A frame whose offers are written with `write` (compact or pretty), and the offers' texts.
+fn frame_with_offers(values: &[serde_json::Value], pretty: bool) -> (String, Vec<String>) {
+    let texts: Vec<String> = values
+        .iter()
+        .map(|v| {
+            if pretty {
+                serde_json::to_string_pretty(v)
+            } else {
+                serde_json::to_string(v)
+            }
+            .expect("serializable")
+        })
+        .collect();
+    let offers: Vec<String> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("{{ \"offer_id\" : \"o{i}\" ,\n \"offer\" :{t} }}"))
+        .collect();
+    let frame = format!(
+        "{{\"action\":\"announce\", \"info_hash\":\"{}\",\"peer_id\":\"{}\", \"offers\": [ {} ] , \"x\":[1,{{}},[]]}}",
+        "a".repeat(20),
+        "b".repeat(20),
+        offers.join(" , ")
+    );
+    (frame, texts)
+}
+
+proptest! {
+    /// Verbatim decoding finds each offer's exact bytes in the frame, whatever the layout,
+    /// and otherwise decodes exactly what plain decoding does.
+    #[test]
+    fn verbatim_offers_are_the_exact_bytes_of_the_frame(
+        values in proptest::collection::vec(arbitrary_object(), 1..5),
+        pretty in any::<bool>(),
+    ) {
+        let (frame, texts) = frame_with_offers(&values, pretty);
+        let mut decoder = Decoder::default();
+        let plain = {
+            let mut bytes = frame.clone().into_bytes();
+            let mut d = Decoder::default();
+            d.decode_client(&mut bytes, |m| m.map(|m| { let mut o = Vec::new(); m.encode(&mut o); o }))
+        };
+        decoder.decode_client_verbatim(&frame, |msg| {
+            let Ok(ClientMessage::Announce(a)) = &msg else {
+                return Err(TestCaseError::fail(format!("{msg:?}")));
+            };
+            for (offer, text) in a.offers.iter().zip(&texts) {
+                let OpaqueJson::Tape(t) = offer.offer else {
+                    return Err(TestCaseError::fail("decoded offers are tape objects"));
+                };
+                prop_assert_eq!(t.raw(), Some(text.as_str()));
+                prop_assert_eq!(offer.offer.to_json_string(), text.clone());
+            }
+            let mut out = Vec::new();
+            msg.as_ref().map_err(|e| TestCaseError::fail(e.to_string()))?.encode(&mut out);
+            // Same message as plain decoding (the encodings differ only in offer whitespace).
+            let a: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+            let b: serde_json::Value = serde_json::from_slice(plain.as_ref().expect("plain decodes")).expect("valid JSON");
+            prop_assert_eq!(a, b);
+            Ok(())
+        })?;
+    }
+}
+
+#[test]
+fn verbatim_spans_survive_tricky_strings_and_empty_containers() {
+    let offer =
+        r#"{"sdp":"a}\"b{[\\","n":[],"o":{},"u":"\u00e9\ud83d\ude00é","deep":[[{"x":[{}]}]]}"#;
+    let answer = r#"{ "type" : "answer" , "sdp" : "x\r\ny" }"#;
+    let frame = format!(
+        r#"{{"action":"announce","info_hash":"{h}","peer_id":"{h}","offers":[{{"offer_id":"1","offer":{offer}}}],"to_peer_id":"{h}","offer_id":"z","answer":{answer}}}"#,
+        h = "c".repeat(20)
+    );
+    Decoder::default().decode_client_verbatim(&frame, |msg| {
+        let Ok(ClientMessage::Announce(a)) = msg else {
+            panic!("{msg:?}")
+        };
+        let OpaqueJson::Tape(t) = a.offers[0].offer else {
+            panic!("tape")
+        };
+        assert_eq!(t.raw(), Some(offer));
+        let OpaqueJson::Tape(t) = a.answer.as_ref().expect("answer").answer else {
+            panic!("tape")
+        };
+        assert_eq!(t.raw(), Some(answer));
+        assert_eq!(
+            a.answer.as_ref().expect("answer").answer.sdp(),
+            Some("x\r\ny")
+        );
+    });
+    // Errors come out the same way as from plain decoding.
+    let err = Decoder::default()
+        .decode_client_verbatim(r#"{"action":"announce","info_hash":"x"}"#, |m| {
+            m.expect_err("bad id")
+        });
+    assert_eq!(
+        err.action,
+        Some(tidepool_protocol::tracker::Action::Announce)
+    );
+}

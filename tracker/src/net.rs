@@ -122,7 +122,6 @@ struct Loop {
     next_serial: u64,
     next_request_id: u64,
     decoder: Decoder,
-    scratch: Vec<u8>,
     ws_config: WebSocketConfig,
     /// Connections that hit `FRAMES_PER_TURN` and may have more input buffered. Edge-triggered
     /// polling will not report them again, so the loop revisits them itself.
@@ -153,7 +152,6 @@ impl SocketWorker {
             next_serial: 0,
             next_request_id: 0,
             decoder,
-            scratch: Vec::new(),
             ws_config,
             again: Vec::new(),
         };
@@ -340,11 +338,7 @@ impl Loop {
             *last_frame = Instant::now();
             *ping_sent = false;
             match msg {
-                Message::Text(text) => {
-                    self.scratch.clear();
-                    self.scratch.extend_from_slice(text.as_bytes());
-                    self.handle_request(slot);
-                }
+                Message::Text(text) => self.handle_request(slot, text.as_str()),
                 Message::Binary(_) => {
                     // Refused before any JSON parsing: the protocol is text only.
                     let _ = ws.close(Some(CloseFrame {
@@ -362,40 +356,39 @@ impl Loop {
         Ok(())
     }
 
-    /// Decodes the frame in `self.scratch` and acts on it.
-    fn handle_request(&mut self, slot: usize) {
+    /// Decodes a text frame and acts on it. Offers and answers keep their exact bytes from
+    /// the frame (verbatim decoding), so forwarding them copies instead of re-encoding.
+    fn handle_request(&mut self, slot: usize, frame: &str) {
         enum Step {
             Reply(String),
             Announce(Announce),
             Scrape(ScrapeHashes),
         }
-        let step = self
-            .decoder
-            .decode_client(&mut self.scratch, |msg| match msg {
-                Err(e) => {
-                    let mut out = Vec::new();
-                    e.to_response().encode(&mut out);
-                    Step::Reply(String::from_utf8(out).unwrap_or_default())
-                }
-                Ok(ClientMessage::Scrape(s)) => Step::Scrape(s.info_hashes),
-                Ok(ClientMessage::Announce(a)) => Step::Announce(Announce {
-                    info_hash: a.info_hash,
-                    peer_id: a.peer_id,
-                    event: a.event,
-                    numwant: a.numwant,
-                    seeder: a.left.is_some_and(|l| l.is_zero()),
-                    offers: a
-                        .offers
-                        .iter()
-                        .map(|o| (o.offer_id, o.offer.to_json_string().into_boxed_str()))
-                        .collect(),
-                    answer: a.answer.map(|ans| AnswerPart {
-                        to_peer_id: ans.to_peer_id,
-                        offer_id: ans.offer_id,
-                        answer: ans.answer.to_json_string().into_boxed_str(),
-                    }),
+        let step = self.decoder.decode_client_verbatim(frame, |msg| match msg {
+            Err(e) => {
+                let mut out = Vec::new();
+                e.to_response().encode(&mut out);
+                Step::Reply(String::from_utf8(out).unwrap_or_default())
+            }
+            Ok(ClientMessage::Scrape(s)) => Step::Scrape(s.info_hashes),
+            Ok(ClientMessage::Announce(a)) => Step::Announce(Announce {
+                info_hash: a.info_hash,
+                peer_id: a.peer_id,
+                event: a.event,
+                numwant: a.numwant,
+                seeder: a.left.is_some_and(|l| l.is_zero()),
+                offers: a
+                    .offers
+                    .iter()
+                    .map(|o| (o.offer_id, o.offer.to_json_string().into_boxed_str()))
+                    .collect(),
+                answer: a.answer.map(|ans| AnswerPart {
+                    to_peer_id: ans.to_peer_id,
+                    offer_id: ans.offer_id,
+                    answer: ans.answer.to_json_string().into_boxed_str(),
                 }),
-            });
+            }),
+        });
         match step {
             Step::Reply(frame) => self.send(slot, frame),
             Step::Announce(a) => self.forward_announce(slot, a),

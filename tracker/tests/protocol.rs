@@ -203,3 +203,35 @@ async fn one_connection_carries_many_swarms_and_peer_ids() {
     );
     tracker.shutdown();
 }
+
+/// Offers and answers are forwarded as the exact bytes the client sent (spacing, escapes and
+/// key order included), not re-encoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_and_answers_are_forwarded_byte_for_byte() {
+    let tracker = start(config(1, 1));
+    let mut a = Client::connect(&tracker.url()).await;
+    let mut b = Client::connect(&tracker.url()).await;
+    let h = num_id(b'h', 1);
+    a.announce(&h, &num_id(b'a', 0), json!({})).await;
+    let offer = r#"{ "sdp" : "v=0\u000d\n\u00e9 \"q\"", "type":"offer", "extra": [1, {}, null] }"#;
+    let frame = format!(
+        r#"{{"action":"announce","info_hash":{},"peer_id":{},"numwant":1,"offers":[{{"offer_id":"id-1","offer":{offer}}}]}}"#,
+        serde_json::to_string(&h).expect("json"),
+        serde_json::to_string(&num_id(b'b', 0)).expect("json"),
+    );
+    b.send_text(frame).await;
+    assert_eq!(b.recv().await["incomplete"], json!(2));
+    let raw = a.recv_text().await;
+    assert!(raw.contains(&format!(r#""offer":{offer}"#)), "{raw}");
+    let answer = r#"{"type":"answer",   "sdp":"\u0041nswer"}"#;
+    a.send_text(format!(
+        r#"{{"action":"announce","info_hash":{},"peer_id":{},"to_peer_id":{},"offer_id":"id-1","answer":{answer}}}"#,
+        serde_json::to_string(&h).expect("json"),
+        serde_json::to_string(&num_id(b'a', 0)).expect("json"),
+        serde_json::to_string(&num_id(b'b', 0)).expect("json"),
+    ))
+    .await;
+    let raw = b.recv_text().await;
+    assert!(raw.contains(&format!(r#""answer":{answer}"#)), "{raw}");
+    tracker.shutdown();
+}

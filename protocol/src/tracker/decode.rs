@@ -61,6 +61,12 @@ pub struct Decoder {
     buffers: Buffers,
     tape: Tape<'static>,
     limits: Limits,
+    /// Copy of the frame that simd-json unescapes in place (verbatim decoding).
+    scratch: Vec<u8>,
+    /// Per tape node: its first and last structural index (verbatim decoding).
+    map: Vec<(u32, u32)>,
+    /// Open containers while building `map`: (tape node, members left, is object).
+    stack: Vec<(usize, usize, bool)>,
 }
 
 impl fmt::Debug for Decoder {
@@ -84,6 +90,9 @@ impl Decoder {
             buffers: Buffers::with_max_depth(4096, limits.max_depth),
             tape: Tape::null(),
             limits,
+            scratch: Vec::new(),
+            map: Vec::new(),
+            stack: Vec::new(),
         }
     }
 
@@ -100,7 +109,7 @@ impl Decoder {
     ) -> R {
         let mut tape = std::mem::replace(&mut self.tape, Tape::null()).reset();
         let result = match simd_json::fill_tape(frame, &mut self.buffers, &mut tape) {
-            Ok(()) => parse_client(&tape.0, &self.limits),
+            Ok(()) => parse_client(&tape.0, None, &self.limits),
             Err(e) => Err(RequestError::bare(DecodeError::from_simd(
                 &e,
                 self.limits.max_depth,
@@ -108,6 +117,42 @@ impl Decoder {
         };
         let out = f(result);
         self.tape = tape.reset();
+        out
+    }
+
+    /// Decodes a client frame without touching it (the decoder unescapes a copy), so offers
+    /// and answers keep their exact bytes from `frame` ([`TapeJson::raw`]): forwarding them
+    /// is a copy, not a re-encode. This is what a tracker wants.
+    pub fn decode_client_verbatim<R>(
+        &mut self,
+        frame: &str,
+        f: impl FnOnce(Result<ClientMessage<'_>, RequestError>) -> R,
+    ) -> R {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(frame.as_bytes());
+        let mut tape = std::mem::replace(&mut self.tape, Tape::null()).reset();
+        let out = match simd_json::fill_tape(&mut scratch, &mut self.buffers, &mut tape) {
+            Ok(()) => {
+                let structurals = self.buffers.structural_indexes();
+                let mapped = structural_map(&tape.0, &mut self.map, &mut self.stack);
+                // Only trust the spans when the walk accounts for every structural.
+                let spans = (mapped as usize == structurals.len()
+                    || mapped as usize + 1 == structurals.len())
+                .then_some(Spans {
+                    frame,
+                    structurals,
+                    map: &self.map,
+                });
+                f(parse_client(&tape.0, spans.as_ref(), &self.limits))
+            }
+            Err(e) => f(Err(RequestError::bare(DecodeError::from_simd(
+                &e,
+                self.limits.max_depth,
+            )))),
+        };
+        self.tape = tape.reset();
+        self.scratch = scratch;
         out
     }
 
@@ -128,9 +173,82 @@ impl Decoder {
     }
 }
 
+/// Byte spans of tape nodes in the original frame, found through simd-json's structural
+/// indexes (the byte offset of every `{}[],:` and of the start of every string and scalar).
+struct Spans<'t> {
+    frame: &'t str,
+    structurals: &'t [u32],
+    map: &'t [(u32, u32)],
+}
+
+impl<'t> Spans<'t> {
+    /// The exact text of the object at tape node `node`.
+    fn raw(&self, node: usize) -> Option<&'t str> {
+        let &(open, close) = self.map.get(node)?;
+        let start = *self.structurals.get(open as usize)? as usize;
+        let end = *self.structurals.get(close as usize)? as usize + 1;
+        let raw = self.frame.get(start..end)?;
+        (raw.starts_with('{') && raw.ends_with('}')).then_some(raw)
+    }
+}
+
+/// Maps each tape node to the structural indexes of its first and last character, walking
+/// the tape the way simd-json's stage 2 walked the structurals: a scalar or string is one
+/// structural; a container is its opening bracket, each member (a key and `:` before each
+/// object value) with a `,` or the closing bracket after it. Returns the structurals used.
+fn structural_map(
+    nodes: &[Node<'_>],
+    map: &mut Vec<(u32, u32)>,
+    stack: &mut Vec<(usize, usize, bool)>,
+) -> u32 {
+    map.clear();
+    map.resize(nodes.len(), (0, 0));
+    stack.clear();
+    let mut s: u32 = 0;
+    let mut i = 0;
+    while i < nodes.len() {
+        if let Some(&(_, _, true)) = stack.last() {
+            // An object member: its key and the colon.
+            s += 2;
+            i += 1;
+        }
+        let Some(node) = nodes.get(i) else { break };
+        map[i].0 = s;
+        match *node {
+            Node::Object { len, .. } | Node::Array { len, .. } if len > 0 => {
+                stack.push((i, len, matches!(node, Node::Object { .. })));
+                s += 1;
+                i += 1;
+                continue;
+            }
+            Node::Object { .. } | Node::Array { .. } => {
+                map[i].1 = s + 1;
+                s += 2;
+            }
+            _ => {
+                map[i].1 = s;
+                s += 1;
+            }
+        }
+        i += 1;
+        // A value ended: the separator or closing bracket after it, closing containers.
+        while let Some(top) = stack.last_mut() {
+            s += 1;
+            top.1 -= 1;
+            if top.1 > 0 {
+                break;
+            }
+            map[top.0].1 = s - 1;
+            stack.pop();
+        }
+    }
+    s
+}
+
 /// Where each known key's value sits in the tape, for one object.
 struct Fields<'t, const N: usize> {
     nodes: &'t [Node<'t>],
+    spans: Option<&'t Spans<'t>>,
     slots: [Option<usize>; N],
     /// The first known key seen twice; reported after `action`/`info_hash` are read.
     duplicate: Option<&'static str>,
@@ -140,6 +258,7 @@ impl<'t, const N: usize> Fields<'t, N> {
     /// Indexes the object at `nodes[at]`; unknown keys are skipped.
     fn collect(
         nodes: &'t [Node<'t>],
+        spans: Option<&'t Spans<'t>>,
         at: usize,
         keys: &[&'static str; N],
     ) -> Result<Self, DecodeError> {
@@ -148,6 +267,7 @@ impl<'t, const N: usize> Fields<'t, N> {
         };
         let mut fields = Fields {
             nodes,
+            spans,
             slots: [None; N],
             duplicate: None,
         };
@@ -263,7 +383,8 @@ impl<'t, const N: usize> Fields<'t, N> {
             .nodes
             .get(i..i + len)
             .ok_or_else(|| DecodeError::Syntax("truncated object".into()))?;
-        Ok(Some(OpaqueJson::Tape(TapeJson(nodes))))
+        let raw = self.spans.and_then(|spans| spans.raw(i));
+        Ok(Some(OpaqueJson::Tape(TapeJson { nodes, raw })))
     }
 
     fn required_opaque(
@@ -346,9 +467,10 @@ fn parse_action(s: &str) -> Result<Action, DecodeError> {
 
 fn parse_client<'t>(
     nodes: &'t [Node<'t>],
+    spans: Option<&'t Spans<'t>>,
     limits: &Limits,
 ) -> Result<ClientMessage<'t>, RequestError> {
-    let fields = Fields::collect(nodes, 0, &CLIENT_KEYS).map_err(RequestError::bare)?;
+    let fields = Fields::collect(nodes, spans, 0, &CLIENT_KEYS).map_err(RequestError::bare)?;
     // A single readable info_hash goes into any error reply, whatever else is wrong.
     let mut context = RequestError {
         error: DecodeError::NotAnObject,
@@ -399,12 +521,10 @@ fn parse_announce<'t>(
             "an array of objects",
         )?;
         for at in items {
-            let offer =
-                Fields::collect(fields.nodes, at, &["offer_id", "offer"]).map_err(|_| {
-                    DecodeError::WrongType {
-                        field: "offers",
-                        expected: "an array of objects",
-                    }
+            let offer = Fields::collect(fields.nodes, fields.spans, at, &["offer_id", "offer"])
+                .map_err(|_| DecodeError::WrongType {
+                    field: "offers",
+                    expected: "an array of objects",
                 })?;
             offer.check_duplicates()?;
             offers.push(Offer {
@@ -493,7 +613,7 @@ fn parse_server<'t>(
     nodes: &'t [Node<'t>],
     limits: &Limits,
 ) -> Result<ServerMessage<'t>, DecodeError> {
-    let fields = Fields::collect(nodes, 0, &SERVER_KEYS)?;
+    let fields = Fields::collect(nodes, None, 0, &SERVER_KEYS)?;
     fields.check_duplicates()?;
 
     if let Some(reason) = fields.str(S_FAILURE, "failure reason")? {
@@ -565,6 +685,7 @@ fn parse_scrape_response(
             let hash = InfoHash(id20_node(key, "files")?);
             let stats = Fields::collect(
                 fields.nodes,
+                None,
                 at + 1,
                 &["complete", "incomplete", "downloaded"],
             )
@@ -587,12 +708,13 @@ fn parse_scrape_response(
         }
     }
     if let Some((i, _)) = fields.get(S_FLAGS) {
-        let flags = Fields::collect(fields.nodes, i, &["min_request_interval"]).map_err(|_| {
-            DecodeError::WrongType {
-                field: "flags",
-                expected: "an object",
-            }
-        })?;
+        let flags =
+            Fields::collect(fields.nodes, None, i, &["min_request_interval"]).map_err(|_| {
+                DecodeError::WrongType {
+                    field: "flags",
+                    expected: "an object",
+                }
+            })?;
         response.min_request_interval = flags
             .number(0, "min_request_interval")?
             .map(Number::saturating_u64);

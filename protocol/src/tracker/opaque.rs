@@ -24,16 +24,31 @@ pub enum OpaqueJson<'a> {
     Encoded(&'a str),
 }
 
-/// The tape nodes of one decoded JSON object.
+/// One decoded JSON object: its parse-tape nodes and, when the decoder was given the
+/// original frame ([`Decoder::decode_client_verbatim`](super::Decoder::decode_client_verbatim)),
+/// its exact bytes there, which are then forwarded as they came instead of re-encoded.
 #[derive(Clone, Copy)]
-pub struct TapeJson<'a>(pub(crate) &'a [Node<'a>]);
+pub struct TapeJson<'a> {
+    pub(crate) nodes: &'a [Node<'a>],
+    pub(crate) raw: Option<&'a str>,
+}
+
+impl<'a> TapeJson<'a> {
+    /// The object's text exactly as it appeared in the frame, when known.
+    pub fn raw(&self) -> Option<&'a str> {
+        self.raw
+    }
+}
 
 impl<'a> OpaqueJson<'a> {
     /// Appends the object as JSON.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            OpaqueJson::Tape(t) => {
-                write_tape_value(out, t.0);
+            OpaqueJson::Tape(TapeJson { raw: Some(raw), .. }) => {
+                out.extend_from_slice(raw.as_bytes());
+            }
+            OpaqueJson::Tape(TapeJson { nodes, raw: None }) => {
+                write_tape_value(out, nodes);
             }
             OpaqueJson::Sdp { kind, sdp } => {
                 out.push(b'{');
@@ -68,7 +83,7 @@ impl<'a> OpaqueJson<'a> {
 
     fn string_member(&self, name: &str) -> Option<&'a str> {
         match *self {
-            OpaqueJson::Tape(TapeJson(nodes)) => {
+            OpaqueJson::Tape(TapeJson { nodes, .. }) => {
                 let Some(Node::Object { len, .. }) = nodes.first() else {
                     return None;
                 };
@@ -108,9 +123,20 @@ impl fmt::Debug for TapeJson<'_> {
     }
 }
 
-/// Semantic equality: two opaque objects are equal when they encode to the same JSON text.
+/// Semantic equality: two opaque objects are equal when they re-encode to the same JSON text
+/// (so a verbatim copy with other whitespace or escapes equals its decoded form).
 impl PartialEq for OpaqueJson<'_> {
     fn eq(&self, other: &Self) -> bool {
-        self.to_json_string() == other.to_json_string()
+        fn normal(o: &OpaqueJson<'_>) -> String {
+            match *o {
+                OpaqueJson::Tape(TapeJson { nodes, .. }) => {
+                    let mut out = Vec::new();
+                    write_tape_value(&mut out, nodes);
+                    String::from_utf8(out).unwrap_or_default()
+                }
+                other => other.to_json_string(),
+            }
+        }
+        normal(self) == normal(other)
     }
 }

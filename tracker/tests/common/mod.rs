@@ -64,6 +64,11 @@ impl Client {
 
     /// The next text frame as JSON; panics on timeout or close.
     pub async fn recv(&mut self) -> Value {
+        serde_json::from_str(&self.recv_text().await).expect("tracker sends JSON")
+    }
+
+    /// The next text frame, as sent.
+    pub async fn recv_text(&mut self) -> String {
         loop {
             let msg = tokio::time::timeout(WAIT, self.ws.next())
                 .await
@@ -71,7 +76,7 @@ impl Client {
                 .expect("stream open")
                 .expect("frame ok");
             match msg {
-                Message::Text(t) => return serde_json::from_str(&t).expect("tracker sends JSON"),
+                Message::Text(t) => return t.as_str().to_owned(),
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("unexpected frame {other:?}"),
             }
