@@ -12,6 +12,11 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tidepool_protocol::tracker::{
+    AnnounceEvent, AnnounceRequest, Answer, Decoder, Offer, OpaqueJson, ScrapeHashes,
+    ScrapeRequest, ServerMessage,
+};
+use tidepool_protocol::{InfoHash, Number, OfferId, PeerId};
 use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -486,12 +491,16 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
         }
     };
     let mut rng = fastrand::Rng::with_seed(index as u64 * 7919 + 1);
-    let peer_id = id20(b'-', index as u64);
-    let swarms: Vec<String> = (0..config.swarms_per_connection.max(1))
-        .map(|_| id20(b'h', popularity.pick(&mut rng) as u64))
+    let peer_id = PeerId(id_bytes(b'-', index as u64));
+    let swarms: Vec<InfoHash> = (0..config.swarms_per_connection.max(1))
+        .map(|_| InfoHash(id_bytes(b'h', popularity.pick(&mut rng) as u64)))
         .collect();
     let offer_sdp = sdp(config.sdp_bytes, &format!("{index}"));
     let answer_sdp = sdp(config.sdp_bytes, &format!("a{index}"));
+    // The tester must be cheaper than what it tests: requests are encoded and responses
+    // decoded with the protocol crate (simd-json), not through serde_json trees.
+    let mut decoder = Decoder::default();
+    let mut buf = Vec::with_capacity(16 * 1024);
     let mut round = 0u64;
     // Some trackers (aquatic_ws) send an announce response for every answer, others (the npm
     // reference, tidepool) none. Responses come back in request order, so answer acks due
@@ -501,21 +510,47 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
 
     'requests: while !stop.load(Ordering::Relaxed) {
         round += 1;
-        let info_hash = &swarms[rng.usize(..swarms.len())];
+        let info_hash = swarms[rng.usize(..swarms.len())];
         let scrape = rng.f64() < config.scrape_fraction;
-        let request = if scrape {
+        buf.clear();
+        if scrape {
             counters.scrapes_sent.fetch_add(1, Ordering::Relaxed);
-            json!({"action": "scrape", "info_hash": info_hash})
+            ScrapeRequest {
+                info_hashes: ScrapeHashes::One(info_hash),
+            }
+            .encode(&mut buf);
         } else {
             counters.announces_sent.fetch_add(1, Ordering::Relaxed);
-            let offers: Vec<Value> = (0..config.offers)
-                .map(|i| json!({"offer_id": id20(b'o', round * 64 + i as u64), "offer": {"type": "offer", "sdp": offer_sdp}}))
-                .collect();
-            json!({"action": "announce", "info_hash": info_hash, "peer_id": peer_id,
-                   "numwant": config.offers, "uploaded": 0, "downloaded": 0, "left": 1,
-                   "event": if round == 1 { "started" } else { "update" }, "offers": offers})
-        };
-        if ws.send(Message::text(request.to_string())).await.is_err() {
+            AnnounceRequest {
+                info_hash,
+                peer_id,
+                event: if round == 1 {
+                    AnnounceEvent::Started
+                } else {
+                    AnnounceEvent::Update
+                },
+                numwant: Some(config.offers as u32),
+                uploaded: Some(Number::UInt(0)),
+                downloaded: Some(Number::UInt(0)),
+                left: Some(Number::UInt(1)),
+                offers: (0..config.offers)
+                    .map(|i| Offer {
+                        offer_id: OfferId::from_bytes20(&id_bytes(b'o', round * 64 + i as u64)),
+                        offer: OpaqueJson::Sdp {
+                            kind: "offer",
+                            sdp: &offer_sdp,
+                        },
+                    })
+                    .collect(),
+                answer: None,
+            }
+            .encode(&mut buf);
+        }
+        if ws
+            .send(Message::text(String::from_utf8_lossy(&buf).into_owned()))
+            .await
+            .is_err()
+        {
             break;
         }
         let sent_at = Instant::now();
@@ -531,11 +566,8 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
             } else {
                 Duration::from_secs(10)
             };
-            let v = match next_json(&mut ws, wait).await {
-                Next::Frame(v) => {
-                    count(&v, counters);
-                    v
-                }
+            let mut frame = match next_frame(&mut ws, wait).await {
+                Next::Frame(f) => f,
                 Next::Timeout if done => break,
                 Next::Timeout => {
                     counters.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -543,14 +575,34 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
                 }
                 Next::Closed => break 'requests,
             };
-            match classify(&v) {
-                Kind::Offer
+            let kind = decoder.decode_server(&mut frame, |m| classify(m.ok().as_ref()));
+            count(&kind, counters);
+            match kind {
+                Kind::Offer(from, offer_id, offer_hash)
                     if rng.f64() < config.answer_fraction && !stop.load(Ordering::Relaxed) =>
                 {
-                    let answer = json!({"action": "announce", "info_hash": v["info_hash"], "peer_id": peer_id,
-                        "to_peer_id": v["peer_id"], "offer_id": v["offer_id"],
-                        "answer": {"type": "answer", "sdp": answer_sdp}});
-                    if ws.send(Message::text(answer.to_string())).await.is_err() {
+                    buf.clear();
+                    AnnounceRequest {
+                        info_hash: offer_hash,
+                        peer_id,
+                        event: AnnounceEvent::None,
+                        numwant: None,
+                        uploaded: None,
+                        downloaded: None,
+                        left: None,
+                        offers: Vec::new(),
+                        answer: Some(Answer {
+                            to_peer_id: from,
+                            offer_id,
+                            answer: OpaqueJson::Sdp {
+                                kind: "answer",
+                                sdp: &answer_sdp,
+                            },
+                        }),
+                    }
+                    .encode(&mut buf);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if ws.send(Message::text(text)).await.is_err() {
                         break 'requests;
                     }
                     counters.answers_sent.fetch_add(1, Ordering::Relaxed);
@@ -558,7 +610,6 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
                         acks_after += 1;
                     }
                 }
-                Kind::Answer => {}
                 Kind::AnnounceResponse(_) if acks_before > 0 => acks_before -= 1,
                 Kind::AnnounceResponse(_) if scrape || done => {
                     acks_after = acks_after.saturating_sub(1)
@@ -579,20 +630,23 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
         acks_before += std::mem::take(&mut acks_after);
     }
     // Drain: count deliveries still in flight, answer nothing new.
-    while Instant::now() < drain_end {
-        let left = drain_end.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                if let Ok(v) = serde_json::from_str::<Value>(&t) {
-                    count(&v, counters);
-                }
+    while let Some(wait) = drain_end.checked_duration_since(Instant::now()) {
+        match next_frame(&mut ws, wait).await {
+            Next::Frame(mut frame) => {
+                let kind = decoder.decode_server(&mut frame, |m| classify(m.ok().as_ref()));
+                count(&kind, counters);
             }
-            Ok(Some(Ok(_))) => {}
             _ => break,
         }
     }
     let _ = ws.close(None).await;
     hist
+}
+
+fn id_bytes(prefix: u8, n: u64) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b.copy_from_slice(id20(prefix, n).as_bytes());
+    b
 }
 
 /// Finds out whether the tracker sends an announce response for an answer: one peer offers,
@@ -618,7 +672,7 @@ async fn probe_answer_acks(url: &str, connector: Option<Connector>) -> anyhow::R
         "to_peer_id": offered["peer_id"], "offer_id": offered["offer_id"], "answer": {"type": "answer", "sdp": "probe"}}).to_string())).await?;
     let acked = matches!(
         tokio::time::timeout(Duration::from_millis(500), recv(&mut a)).await,
-        Ok(Some(v)) if matches!(classify(&v), Kind::AnnounceResponse(_))
+        Ok(Some(v)) if v.get("interval").is_some() || v.get("complete").is_some()
     );
     let _ = a.close(None).await;
     let _ = b.close(None).await;
@@ -638,34 +692,29 @@ async fn recv(ws: &mut Ws) -> Option<Value> {
 
 enum Kind {
     AnnounceResponse(u64),
-    Offer,
+    /// Offerer, offer id and swarm, to answer it.
+    Offer(PeerId, OfferId, InfoHash),
     Answer,
     Scrape,
     Failure,
     Other,
 }
 
-fn classify(v: &Value) -> Kind {
-    if v.get("failure reason").is_some() {
-        Kind::Failure
-    } else if v.get("offer").is_some() {
-        Kind::Offer
-    } else if v.get("answer").is_some() {
-        Kind::Answer
-    } else if v.get("files").is_some() {
-        Kind::Scrape
-    } else if v.get("interval").is_some() || v.get("complete").is_some() {
-        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-        Kind::AnnounceResponse(n("complete") + n("incomplete"))
-    } else {
-        Kind::Other
+fn classify(m: Option<&ServerMessage<'_>>) -> Kind {
+    match m {
+        Some(ServerMessage::Announce(r)) => Kind::AnnounceResponse(r.complete + r.incomplete),
+        Some(ServerMessage::Offer(o)) => Kind::Offer(o.peer_id, o.offer_id, o.info_hash),
+        Some(ServerMessage::Answer(_)) => Kind::Answer,
+        Some(ServerMessage::Scrape(_)) => Kind::Scrape,
+        Some(ServerMessage::Error(_)) => Kind::Failure,
+        None => Kind::Other,
     }
 }
 
-fn count(v: &Value, c: &Counters) {
-    let counter = match classify(v) {
+fn count(kind: &Kind, c: &Counters) {
+    let counter = match kind {
         Kind::AnnounceResponse(_) => &c.announce_responses,
-        Kind::Offer => &c.offers_received,
+        Kind::Offer(..) => &c.offers_received,
         Kind::Answer => &c.answers_received,
         Kind::Scrape => &c.scrape_responses,
         Kind::Failure => &c.errors,
@@ -675,22 +724,17 @@ fn count(v: &Value, c: &Counters) {
 }
 
 enum Next {
-    Frame(Value),
+    Frame(Vec<u8>),
     Timeout,
     Closed,
 }
 
-/// The next text frame as JSON, waiting at most `wait`.
-async fn next_json(ws: &mut Ws, wait: Duration) -> Next {
+/// The next text frame's bytes, waiting at most `wait`.
+async fn next_frame(ws: &mut Ws, wait: Duration) -> Next {
     loop {
         match tokio::time::timeout(wait, ws.next()).await {
             Err(_) => return Next::Timeout,
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return match serde_json::from_str(&t) {
-                    Ok(v) => Next::Frame(v),
-                    Err(_) => Next::Closed,
-                };
-            }
+            Ok(Some(Ok(Message::Text(t)))) => return Next::Frame(t.as_bytes().to_vec()),
             Ok(Some(Ok(_))) => continue,
             Ok(_) => return Next::Closed,
         }
