@@ -18,6 +18,9 @@ pub struct Run {
     pub round: u32,
     /// Frames received by the tester per second.
     pub responses_per_sec: f64,
+    /// Requests sent by the tester per second (requests + responses = messages handled).
+    #[serde(default)]
+    pub requests_per_sec: f64,
     /// Offers delivered per second.
     pub offers_per_sec: f64,
     /// Answers delivered per second.
@@ -78,7 +81,7 @@ pub fn table(runs: &[Run]) -> String {
     }
     let med = |rs: &[&Run], f: &dyn Fn(&Run) -> f64| median(rs.iter().map(|r| f(r)).collect());
     let mut s = String::from(
-        "| tester | tracker | rounds | responses/s (median) | spread | offers/s | answers/s | p50 µs | p99 µs | peak RSS MiB | CPU s | tidepool ÷ this |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| tester | tracker | rounds | responses/s (median) | spread | messages/s | offers/s | answers/s | p50 µs | p99 µs | peak RSS MiB | CPU s | tidepool ÷ this |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for ((tester, tracker), rs) in &groups {
         let resp = med(rs, &|r| r.responses_per_sec);
@@ -103,11 +106,12 @@ pub fn table(runs: &[Run]) -> String {
             }
         };
         s.push_str(&format!(
-            "| {tester} | {tracker} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {ratio} |\n",
+            "| {tester} | {tracker} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {ratio} |\n",
             rs.len(),
             resp,
             min,
             max,
+            med(rs, &|r| r.requests_per_sec + r.responses_per_sec),
             med(rs, &|r| r.offers_per_sec),
             med(rs, &|r| r.answers_per_sec),
             lat(&|r| r.p50_us),
@@ -179,6 +183,7 @@ mod tests {
             tester: "t".into(),
             round,
             responses_per_sec: rps,
+            requests_per_sec: rps / 2.0,
             offers_per_sec: rps / 2.0,
             answers_per_sec: rps / 4.0,
             p50_us: Some(100),
@@ -198,8 +203,14 @@ mod tests {
             run("aquatic_ws", 2, 50.0),
         ];
         let t = table(&runs);
-        assert!(t.contains("| t | tidepool | 3 | 200 | 100–300 |"), "{t}");
-        assert!(t.contains("| t | aquatic_ws | 2 | 75 | 50–100 |"), "{t}");
+        assert!(
+            t.contains("| t | tidepool | 3 | 200 | 100–300 | 300 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| t | aquatic_ws | 2 | 75 | 50–100 | 112 |"),
+            "{t}"
+        );
         assert!(t.contains("2.67×"), "{t}");
     }
 
