@@ -33,9 +33,11 @@ const separateSockets = args.includes('--separate-sockets')
 
 // simple-peer waits 5 s for an ICE-gathering-complete event that node-datachannel never
 // fires; the tracker client builds its peers here, so shorten that wait for every peer.
+// (Not much shorter: on a loaded 2-core machine host candidates can take a few hundred ms,
+// and an offer sent before any is gathered can never connect.)
 const createPeer = WebSocketTracker.prototype._createPeer
 WebSocketTracker.prototype._createPeer = function (opts) {
-  return createPeer.call(this, { ...opts, iceCompleteTimeout: 300 })
+  return createPeer.call(this, { ...opts, iceCompleteTimeout: 1500 })
 }
 const version = JSON.parse(readFileSync(join(here, 'node_modules', 'bittorrent-tracker', 'package.json'))).version
 const ndcVersion = JSON.parse(readFileSync(join(here, 'node_modules', 'node-datachannel', 'package.json'))).version

@@ -25,7 +25,7 @@ setTimeout(() => { console.error(`${role}: deadline passed`); process.exit(1) },
 // simple-peer waits 5 s for an ICE-gathering event node-datachannel never fires.
 const createPeer = WebSocketTracker.prototype._createPeer
 WebSocketTracker.prototype._createPeer = function (opts) {
-  return createPeer.call(this, { ...opts, iceCompleteTimeout: 300 })
+  return createPeer.call(this, { ...opts, iceCompleteTimeout: 1500 })
 }
 
 const client = new WebTorrent({

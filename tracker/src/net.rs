@@ -32,6 +32,18 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const FRAMES_PER_TURN: usize = 64;
 pub(crate) const WAKER: Token = Token(usize::MAX - 2);
 
+/// The swarm worker that owns `info_hash`. Info hashes are hashes already, so their first
+/// bytes spread swarms evenly.
+fn shard_of(info_hash: &InfoHash, shards: usize) -> usize {
+    let h = u32::from_le_bytes([
+        info_hash.0[0],
+        info_hash.0[1],
+        info_hash.0[2],
+        info_hash.0[3],
+    ]);
+    h as usize % shards
+}
+
 /// A client byte stream: plain TCP or TLS over TCP.
 pub(crate) enum Stream {
     Plain(TcpStream),
@@ -408,14 +420,7 @@ impl Loop {
     }
 
     fn shard_of(&self, info_hash: &InfoHash) -> usize {
-        // Info hashes are hashes already; their first bytes spread swarms evenly.
-        let h = u32::from_le_bytes([
-            info_hash.0[0],
-            info_hash.0[1],
-            info_hash.0[2],
-            info_hash.0[3],
-        ]);
-        h as usize % self.w.to_swarms.len()
+        shard_of(info_hash, self.w.to_swarms.len())
     }
 
     fn forward_announce(&mut self, slot: usize, a: Announce) {
@@ -457,8 +462,7 @@ impl Loop {
             other => (false, other.as_slice().to_vec()),
         };
         for h in &requested {
-            let h32 = u32::from_le_bytes([h.0[0], h.0[1], h.0[2], h.0[3]]);
-            per_shard[h32 as usize % shards].push(*h);
+            per_shard[shard_of(h, shards)].push(*h);
         }
         let targets: Vec<usize> = (0..shards)
             .filter(|&s| all || !per_shard[s].is_empty())

@@ -15,6 +15,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
+/// The interop tests each run several Node processes doing WebRTC; run them one at a time so
+/// they do not starve each other's ICE gathering on a 2-core machine.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn interop_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interop");
     assert!(
@@ -119,6 +129,7 @@ fn summary(lines: &[Value]) -> Vec<String> {
 
 #[test]
 fn npm_clients_open_a_real_data_channel_through_tidepool() {
+    let _serial = serial();
     let tracker = start(config(2, 2));
     let dir = temp_dir("interop");
     let lines = record(Some(&tracker.url()), &dir.join("ours.jsonl"));
@@ -137,6 +148,7 @@ fn npm_clients_open_a_real_data_channel_through_tidepool() {
 
 #[test]
 fn same_scenario_same_replies_as_the_npm_reference_server() {
+    let _serial = serial();
     let tracker = start(config(2, 2));
     let dir = temp_dir("differential");
     let ours = summary(&record(Some(&tracker.url()), &dir.join("ours.jsonl")));
@@ -160,6 +172,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn webtorrent_processes_move_a_file_by_magnet_through_tidepool() {
+    let _serial = serial();
     let tracker = start(config(2, 2));
     let dir = temp_dir("webtorrent");
     let script = interop_dir().join("webtorrent-transfer.mjs");
