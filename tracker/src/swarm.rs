@@ -482,6 +482,24 @@ mod tests {
         })
     }
 
+    /// `peer` (on connection number `peer`) announces `event` into swarm 1.
+    fn act(
+        s: &mut Shard,
+        now: Instant,
+        peer: u8,
+        event: AnnounceEvent,
+        seeder: bool,
+        offers: usize,
+        out: &mut Vec<(ConnId, Output)>,
+    ) {
+        s.handle(
+            now,
+            conn(peer as u32),
+            announce(peer, event, seeder, offers),
+            out,
+        );
+    }
+
     /// Decodes every frame in `out` for `to` into (kind, complete, incomplete).
     fn frames_for(out: &[(ConnId, Output)], to: ConnId) -> Vec<String> {
         let mut decoder = Decoder::default();
@@ -529,18 +547,8 @@ mod tests {
         let mut s = shard();
         let now = Instant::now();
         let mut out = Vec::new();
-        s.handle(
-            now,
-            conn(1),
-            announce(1, AnnounceEvent::Started, false, 0),
-            &mut out,
-        );
-        s.handle(
-            now,
-            conn(2),
-            announce(2, AnnounceEvent::Started, true, 0),
-            &mut out,
-        );
+        act(&mut s, now, 1, AnnounceEvent::Started, false, 0, &mut out);
+        act(&mut s, now, 2, AnnounceEvent::Started, true, 0, &mut out);
         assert_eq!(
             stats(&mut s, now),
             ScrapeStats {
@@ -549,12 +557,7 @@ mod tests {
                 downloaded: 0
             }
         );
-        s.handle(
-            now,
-            conn(1),
-            announce(1, AnnounceEvent::Completed, false, 0),
-            &mut out,
-        );
+        act(&mut s, now, 1, AnnounceEvent::Completed, false, 0, &mut out);
         assert_eq!(
             stats(&mut s, now),
             ScrapeStats {
@@ -564,19 +567,9 @@ mod tests {
             }
         );
         // A repeated `completed` is not another download.
-        s.handle(
-            now,
-            conn(1),
-            announce(1, AnnounceEvent::Completed, true, 0),
-            &mut out,
-        );
+        act(&mut s, now, 1, AnnounceEvent::Completed, true, 0, &mut out);
         assert_eq!(stats(&mut s, now).downloaded, 1);
-        s.handle(
-            now,
-            conn(2),
-            announce(2, AnnounceEvent::Paused, false, 0),
-            &mut out,
-        );
+        act(&mut s, now, 2, AnnounceEvent::Paused, false, 0, &mut out);
         assert_eq!(
             stats(&mut s, now),
             ScrapeStats {
@@ -585,28 +578,13 @@ mod tests {
                 downloaded: 1
             }
         );
-        s.handle(
-            now,
-            conn(2),
-            announce(2, AnnounceEvent::Update, true, 0),
-            &mut out,
-        );
+        act(&mut s, now, 2, AnnounceEvent::Update, true, 0, &mut out);
         assert_eq!(stats(&mut s, now).complete, 2);
         out.clear();
-        s.handle(
-            now,
-            conn(2),
-            announce(2, AnnounceEvent::Stopped, true, 0),
-            &mut out,
-        );
+        act(&mut s, now, 2, AnnounceEvent::Stopped, true, 0, &mut out);
         // `stopped` still gets a response, with the peer already gone.
         assert_eq!(frames_for(&out, conn(2)), ["announce 1/0"]);
-        s.handle(
-            now,
-            conn(1),
-            announce(1, AnnounceEvent::Stopped, true, 0),
-            &mut out,
-        );
+        act(&mut s, now, 1, AnnounceEvent::Stopped, true, 0, &mut out);
         assert_eq!(s.swarm_count(), 0, "empty swarm freed");
     }
 
@@ -616,20 +594,10 @@ mod tests {
         let now = Instant::now();
         let mut out = Vec::new();
         for p in 1..=5u8 {
-            s.handle(
-                now,
-                conn(p as u32),
-                announce(p, AnnounceEvent::Started, false, 0),
-                &mut out,
-            );
+            act(&mut s, now, p, AnnounceEvent::Started, false, 0, &mut out);
         }
         out.clear();
-        s.handle(
-            now,
-            conn(1),
-            announce(1, AnnounceEvent::None, false, 10),
-            &mut out,
-        );
+        act(&mut s, now, 1, AnnounceEvent::None, false, 10, &mut out);
         assert_eq!(frames_for(&out, conn(1)), ["announce 0/5"]);
         let recipients: Vec<ConnId> = out
             .iter()
@@ -717,18 +685,8 @@ mod tests {
         let mut s = shard();
         let now = Instant::now();
         let mut out = Vec::new();
-        s.handle(
-            now,
-            conn(1),
-            announce(1, AnnounceEvent::Started, false, 0),
-            &mut out,
-        );
-        s.handle(
-            now,
-            conn(2),
-            announce(2, AnnounceEvent::Started, false, 0),
-            &mut out,
-        );
+        act(&mut s, now, 1, AnnounceEvent::Started, false, 0, &mut out);
+        act(&mut s, now, 2, AnnounceEvent::Started, false, 0, &mut out);
         out.clear();
         let Request::Announce(mut a) = announce(2, AnnounceEvent::None, false, 0) else {
             unreachable!()
@@ -748,12 +706,7 @@ mod tests {
         let mut s = shard();
         let now = Instant::now();
         let mut out = Vec::new();
-        s.handle(
-            now,
-            conn(1),
-            announce(1, AnnounceEvent::Started, false, 0),
-            &mut out,
-        );
+        act(&mut s, now, 1, AnnounceEvent::Started, false, 0, &mut out);
         out.clear();
         // Another connection announcing, stopping or answering as peer 1.
         s.handle(
@@ -797,22 +750,15 @@ mod tests {
         let mut s = shard();
         let t0 = Instant::now();
         let mut out = Vec::new();
-        s.handle(
-            t0,
-            conn(1),
-            announce(1, AnnounceEvent::Started, false, 0),
-            &mut out,
-        );
-        s.handle(
-            t0,
-            conn(2),
-            announce(2, AnnounceEvent::Started, true, 0),
-            &mut out,
-        );
-        s.handle(
+        act(&mut s, t0, 1, AnnounceEvent::Started, false, 0, &mut out);
+        act(&mut s, t0, 2, AnnounceEvent::Started, true, 0, &mut out);
+        act(
+            &mut s,
             t0 + T / 2,
-            conn(2),
-            announce(2, AnnounceEvent::None, true, 0),
+            2,
+            AnnounceEvent::None,
+            true,
+            0,
             &mut out,
         );
         s.clean(t0 + T + Duration::from_secs(1));
@@ -827,12 +773,7 @@ mod tests {
         let mut s = shard();
         let now = Instant::now();
         let mut out = Vec::new();
-        s.handle(
-            now,
-            conn(1),
-            announce(1, AnnounceEvent::Started, false, 0),
-            &mut out,
-        );
+        act(&mut s, now, 1, AnnounceEvent::Started, false, 0, &mut out);
         out.clear();
         s.handle(
             now,
