@@ -293,6 +293,17 @@ mod tests {
     }
 
     #[test]
+    fn deploy_config_reference_is_what_print_config_prints() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/tracker.toml");
+        let committed = std::fs::read_to_string(path).expect("deploy/tracker.toml exists");
+        assert_eq!(
+            committed,
+            Config::default().to_commented_toml(),
+            "regenerate with: cargo run -p tidepool-tracker -- --print-config > deploy/tracker.toml"
+        );
+    }
+
+    #[test]
     fn every_field_has_a_printed_comment() {
         let text = Config::default().to_commented_toml();
         let lines: Vec<&str> = text.lines().collect();
