@@ -46,6 +46,11 @@ pub struct NetworkConfig {
     pub ping_interval_secs: u64,
     /// Seconds without any frame from a client (pongs included) before it is closed.
     pub idle_timeout_secs: u64,
+    /// Text frames per second one connection may send, on average (token bucket; 0 = no
+    /// limit). Frames over the limit get a failure reply and are not processed.
+    pub max_messages_per_second: u32,
+    /// Frames a connection may send in a burst above the average rate.
+    pub message_burst: u32,
 }
 
 impl Default for NetworkConfig {
@@ -62,6 +67,8 @@ impl Default for NetworkConfig {
             handshake_timeout_ms: 10_000,
             ping_interval_secs: 60,
             idle_timeout_secs: 180,
+            max_messages_per_second: 200,
+            message_burst: 400,
         }
     }
 }
@@ -170,6 +177,9 @@ impl Config {
         if n.idle_timeout_secs <= n.ping_interval_secs {
             return fail("network.idle_timeout_secs must exceed network.ping_interval_secs");
         }
+        if n.max_messages_per_second > 0 && n.message_burst == 0 {
+            return fail("network.message_burst must be at least 1 when rate limiting is on");
+        }
         if self.protocol.max_offers == 0 || self.protocol.max_offers > 64 {
             return fail("protocol.max_offers must be 1..=64");
         }
@@ -251,6 +261,12 @@ fn field_doc(section: &str, key: &str) -> Option<&'static str> {
         }
         ("network", "idle_timeout_secs") => {
             "Seconds without any frame from a client (pongs included) before it is closed."
+        }
+        ("network", "max_messages_per_second") => {
+            "Text frames per second one connection may send on average (token bucket; 0 = no limit)."
+        }
+        ("network", "message_burst") => {
+            "Frames a connection may send in a burst above the average rate."
         }
         ("protocol", "announce_interval_secs") => {
             "Seconds clients are told to wait between announces."

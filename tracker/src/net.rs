@@ -27,6 +27,8 @@ use crate::config::Config;
 use crate::swarm::{Announce, AnswerPart, ConnId, Output, Request};
 
 const LISTENER: Token = Token(usize::MAX - 1);
+/// The reply to a frame over the connection's rate limit (sent without reading the frame).
+const RATE_LIMITED: &str = r#"{"failure reason":"rate limit exceeded: slow down"}"#;
 /// Frames read from one connection per loop turn, so a flooding client cannot starve the
 /// others on its worker; the rest are read on the next turn.
 const FRAMES_PER_TURN: usize = 64;
@@ -97,6 +99,9 @@ struct Connection {
     opened: Instant,
     last_frame: Instant,
     ping_sent: bool,
+    /// Token bucket for text frames: tokens left, as of `tokens_at`.
+    tokens: f64,
+    tokens_at: Instant,
     /// Swarms this connection joined (bounded by `max_swarms_per_connection`). A set: clients
     /// like aquatic's load tester announce into thousands of swarms on one connection.
     swarms: ahash::AHashSet<InfoHash>,
@@ -279,6 +284,8 @@ impl Loop {
                 opened: now,
                 last_frame: now,
                 ping_sent: false,
+                tokens: f64::from(self.w.config.network.message_burst),
+                tokens_at: now,
                 swarms: ahash::AHashSet::new(),
                 scrapes: Vec::new(),
             });
@@ -350,7 +357,14 @@ impl Loop {
             *last_frame = Instant::now();
             *ping_sent = false;
             match msg {
-                Message::Text(text) => self.handle_request(slot, text.as_str()),
+                Message::Text(text) => {
+                    if self.take_token(slot) {
+                        self.handle_request(slot, text.as_str());
+                    } else {
+                        // Not decoded at all: a flooder costs a refill check and a reply.
+                        self.send(slot, RATE_LIMITED.to_owned());
+                    }
+                }
                 Message::Binary(_) => {
                     // Refused before any JSON parsing: the protocol is text only.
                     let _ = ws.close(Some(CloseFrame {
@@ -366,6 +380,28 @@ impl Loop {
         }
         self.again.push(slot);
         Ok(())
+    }
+
+    /// Takes one token from the connection's bucket; false when it is empty.
+    fn take_token(&mut self, slot: usize) -> bool {
+        let n = &self.w.config.network;
+        if n.max_messages_per_second == 0 {
+            return true;
+        }
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return false;
+        };
+        let now = Instant::now();
+        let refill =
+            now.duration_since(conn.tokens_at).as_secs_f64() * f64::from(n.max_messages_per_second);
+        conn.tokens = (conn.tokens + refill).min(f64::from(n.message_burst));
+        conn.tokens_at = now;
+        if conn.tokens >= 1.0 {
+            conn.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// Decodes a text frame and acts on it. Offers and answers keep their exact bytes from

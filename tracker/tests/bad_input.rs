@@ -185,6 +185,8 @@ async fn a_reader_that_never_reads_is_closed_and_memory_stays_bounded() {
     cfg.network.max_message_size = 16 * 1024;
     cfg.network.max_frame_size = 16 * 1024;
     cfg.network.max_outgoing_queue = 32 * 1024;
+    // The flooder here must be served as fast as it asks; the rate limit has its own test.
+    cfg.network.max_messages_per_second = 0;
     let tracker = start(cfg);
     let addr = tracker.local_addr();
     // The victim: a tiny receive buffer, and it never reads after its first response.
@@ -275,5 +277,38 @@ async fn excess_connections_are_refused_at_accept() {
     drop(held.pop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     still_served(&tracker.url()).await;
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_over_the_rate_limit_get_failures_and_the_bucket_refills() {
+    let mut cfg = config(1, 1);
+    cfg.network.max_messages_per_second = 20;
+    cfg.network.message_burst = 20;
+    let tracker = start(cfg);
+    let mut flooder = Client::connect(&tracker.url()).await;
+    let h = num_id(b'h', 1);
+    for _ in 0..100 {
+        flooder
+            .send(json!({"action": "scrape", "info_hash": h}))
+            .await;
+    }
+    let (mut served, mut limited) = (0, 0);
+    for _ in 0..100 {
+        let r = flooder.recv().await;
+        if r["files"].is_object() {
+            served += 1;
+        } else {
+            assert_eq!(r["failure reason"], "rate limit exceeded: slow down");
+            limited += 1;
+        }
+    }
+    // The burst of 20, plus what refilled (20/s) while the 100 frames were read.
+    assert!((20..=30).contains(&served), "served {served}");
+    assert_eq!(served + limited, 100);
+    // Others are unaffected, and the flooder is served again once the bucket refills.
+    still_served(&tracker.url()).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(flooder.scrape(json!(h)).await["files"].is_object());
     tracker.shutdown();
 }
