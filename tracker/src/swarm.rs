@@ -482,6 +482,14 @@ mod tests {
         })
     }
 
+    fn counts(complete: u64, incomplete: u64, downloaded: u64) -> ScrapeStats {
+        ScrapeStats {
+            complete,
+            incomplete,
+            downloaded,
+        }
+    }
+
     /// `peer` (on connection number `peer`) announces `event` into swarm 1.
     fn act(
         s: &mut Shard,
@@ -549,35 +557,14 @@ mod tests {
         let mut out = Vec::new();
         act(&mut s, now, 1, AnnounceEvent::Started, false, 0, &mut out);
         act(&mut s, now, 2, AnnounceEvent::Started, true, 0, &mut out);
-        assert_eq!(
-            stats(&mut s, now),
-            ScrapeStats {
-                complete: 1,
-                incomplete: 1,
-                downloaded: 0
-            }
-        );
+        assert_eq!(stats(&mut s, now), counts(1, 1, 0));
         act(&mut s, now, 1, AnnounceEvent::Completed, false, 0, &mut out);
-        assert_eq!(
-            stats(&mut s, now),
-            ScrapeStats {
-                complete: 2,
-                incomplete: 0,
-                downloaded: 1
-            }
-        );
+        assert_eq!(stats(&mut s, now), counts(2, 0, 1));
         // A repeated `completed` is not another download.
         act(&mut s, now, 1, AnnounceEvent::Completed, true, 0, &mut out);
         assert_eq!(stats(&mut s, now).downloaded, 1);
         act(&mut s, now, 2, AnnounceEvent::Paused, false, 0, &mut out);
-        assert_eq!(
-            stats(&mut s, now),
-            ScrapeStats {
-                complete: 1,
-                incomplete: 1,
-                downloaded: 1
-            }
-        );
+        assert_eq!(stats(&mut s, now), counts(1, 1, 1));
         act(&mut s, now, 2, AnnounceEvent::Update, true, 0, &mut out);
         assert_eq!(stats(&mut s, now).complete, 2);
         out.clear();
@@ -809,14 +796,7 @@ mod tests {
                     conn(1),
                     Output::ScrapePart {
                         request_id: 6,
-                        files: vec![(
-                            InfoHash([1; 20]),
-                            ScrapeStats {
-                                complete: 0,
-                                incomplete: 1,
-                                downloaded: 0
-                            }
-                        )]
+                        files: vec![(InfoHash([1; 20]), counts(0, 1, 0))]
                     }
                 ),
             ]
