@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::access::AccessListMode;
+use crate::proxy::IpNet;
+
 /// Everything the tracker can be told. Load with [`Config::from_toml`]; every field has a
 /// default, so an empty file is a valid config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -18,6 +21,10 @@ pub struct Config {
     pub protocol: ProtocolConfig,
     /// Threads and the channels between them.
     pub workers: WorkerConfig,
+    /// Which swarms are served.
+    pub access_list: AccessListConfig,
+    /// The `/metrics`, `/stats` and `/stats.json` endpoint.
+    pub metrics: MetricsConfig,
 }
 
 /// Sockets, TLS and WebSocket limits.
@@ -51,6 +58,12 @@ pub struct NetworkConfig {
     pub max_messages_per_second: u32,
     /// Frames a connection may send in a burst above the average rate.
     pub message_burst: u32,
+    /// Most open connections from one client address across all workers (0 = no limit).
+    /// Behind a trusted proxy the limit applies to the forwarded client address.
+    pub max_connections_per_ip: u32,
+    /// Reverse proxies (addresses or CIDR blocks) whose `X-Forwarded-For` / `X-Real-IP`
+    /// headers name the client. Headers from anyone else are ignored.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for NetworkConfig {
@@ -69,6 +82,8 @@ impl Default for NetworkConfig {
             idle_timeout_secs: 180,
             max_messages_per_second: 200,
             message_burst: 400,
+            max_connections_per_ip: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -126,6 +141,40 @@ impl Default for WorkerConfig {
             socket_workers: 1,
             swarm_workers: 1,
             channel_capacity: 16 * 1024,
+        }
+    }
+}
+
+/// Which swarms are served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessListConfig {
+    /// `off`, `allow` (only listed swarms) or `deny` (all but listed swarms).
+    pub mode: AccessListMode,
+    /// File of info hashes, 40 hex digits per line; `#` starts a comment. Reloaded on SIGUSR1.
+    pub path: Option<PathBuf>,
+    /// Also reload the file this often, in seconds (0 = only on SIGUSR1).
+    pub reload_interval_secs: u64,
+}
+
+/// The `/metrics`, `/stats` and `/stats.json` endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address for the HTTP endpoint; unset = off. Keep it private: it names swarms.
+    pub listen: Option<SocketAddr>,
+    /// Milliseconds between refreshes of swarm counts and rates.
+    pub stats_interval_ms: u64,
+    /// Swarms listed on the stats page.
+    pub top_swarms: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            stats_interval_ms: 1000,
+            top_swarms: 10,
         }
     }
 }
@@ -189,6 +238,12 @@ impl Config {
         if self.protocol.max_swarms_per_connection == 0 {
             return fail("protocol.max_swarms_per_connection must be at least 1");
         }
+        if self.access_list.mode != AccessListMode::Off && self.access_list.path.is_none() {
+            return fail("access_list.path is required when access_list.mode is allow or deny");
+        }
+        if self.metrics.stats_interval_ms < 100 {
+            return fail("metrics.stats_interval_ms must be at least 100");
+        }
         if self.protocol.clean_interval_secs == 0 {
             return fail("protocol.clean_interval_secs must be at least 1");
         }
@@ -207,6 +262,8 @@ impl Config {
                 section = match name {
                     "network" => "network",
                     "protocol" => "protocol",
+                    "access_list" => "access_list",
+                    "metrics" => "metrics",
                     _ => "workers",
                 };
                 out.push('\n');
@@ -222,6 +279,14 @@ impl Config {
         out = out.replace(
             "[network]\n",
             "[network]\n# PEM certificate chain and key; with both set, serves wss:// instead of ws://.\n# tls_cert = \"/etc/tidepool/cert.pem\"\n# tls_key = \"/etc/tidepool/key.pem\"\n",
+        );
+        out = out.replace(
+            "\n[access_list]\n",
+            "\n[access_list]\n# File of info hashes (40 hex digits a line); required for allow and deny.\n# path = \"/etc/tidepool/access-list.txt\"\n",
+        );
+        out = out.replace(
+            "\n[metrics]\n",
+            "\n[metrics]\n# Address for /metrics, /stats and /stats.json (off unless set; or --metrics ADDR).\n# listen = \"127.0.0.1:9000\"\n",
         );
         out
     }
@@ -268,6 +333,22 @@ fn field_doc(section: &str, key: &str) -> Option<&'static str> {
         ("network", "message_burst") => {
             "Frames a connection may send in a burst above the average rate."
         }
+        ("network", "max_connections_per_ip") => {
+            "Most open connections from one client address (0 = no limit); behind a trusted proxy, the forwarded address."
+        }
+        ("network", "trusted_proxies") => {
+            "Reverse proxies (addresses or CIDR blocks) whose X-Forwarded-For / X-Real-IP name the client."
+        }
+        ("access_list", "mode") => {
+            "off, allow (only listed swarms are served) or deny (listed swarms are refused)."
+        }
+        ("access_list", "reload_interval_secs") => {
+            "Reload the file this often, in seconds, as well as on SIGUSR1 (0 = on SIGUSR1 only)."
+        }
+        ("metrics", "stats_interval_ms") => {
+            "Milliseconds between refreshes of swarm counts and rates."
+        }
+        ("metrics", "top_swarms") => "Swarms listed on the stats page.",
         ("protocol", "announce_interval_secs") => {
             "Seconds clients are told to wait between announces."
         }

@@ -36,6 +36,9 @@ struct Cli {
     /// PEM private key.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve /metrics, /stats and /stats.json on this address (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +64,9 @@ fn main() -> anyhow::Result<()> {
         config.network.tls_cert = cli.tls_cert;
         config.network.tls_key = cli.tls_key;
     }
+    if cli.metrics.is_some() {
+        config.metrics.listen = cli.metrics;
+    }
     config.validate()?;
     if cli.print_config {
         print!("{}", config.to_commented_toml());
@@ -73,11 +79,9 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("installing signal handlers")?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])
+        .context("installing signal handlers")?;
     let tracker = Tracker::start(config.clone())?;
     tracing::info!(
         "tidepool-tracker {} listening on {} ({} socket workers, {} swarm workers)",
@@ -86,8 +90,24 @@ fn main() -> anyhow::Result<()> {
         config.workers.socket_workers,
         config.workers.swarm_workers,
     );
-    if let Some(signal) = signals.forever().next() {
-        tracing::info!("signal {signal}: shutting down");
+    if let Some(addr) = tracker.metrics_addr() {
+        tracing::info!("metrics on http://{addr}/metrics, stats page on http://{addr}/stats");
+    }
+    for signal in signals.forever() {
+        match signal {
+            SIGHUP => match tracker.reload_tls() {
+                Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                Err(e) => tracing::error!("SIGHUP: {e}; keeping the previous certificate"),
+            },
+            SIGUSR1 => match tracker.reload_access_list() {
+                Ok(n) => tracing::info!("SIGUSR1: access list reloaded ({n} info hashes)"),
+                Err(e) => tracing::error!("SIGUSR1: {e}; keeping the previous access list"),
+            },
+            _ => {
+                tracing::info!("signal {signal}: shutting down");
+                break;
+            }
+        }
     }
     tracker.shutdown();
     tracing::info!("stopped");

@@ -2,9 +2,11 @@
 //! handshake and framing (tungstenite), decoding, limits, keep-alive and writing. Requests go
 //! to the swarm workers over bounded channels; their replies come back the same way.
 
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
+use std::net::IpAddr;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -16,15 +18,18 @@ use tidepool_protocol::tracker::{
     Action, ClientMessage, Decoder, ErrorResponse, Limits, ScrapeHashes, ScrapeResponse,
     ScrapeStats,
 };
-use tungstenite::handshake::server::{NoCallback, ServerHandshake};
+use tungstenite::handshake::server::{Callback, ErrorResponse as HttpError, ServerHandshake};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
-use crate::config::Config;
-use crate::swarm::{Announce, AnswerPart, ConnId, Output, Request};
+use crate::access::AccessView;
+use crate::metrics::{CloseReason, ErrorKind, InKind, OutKind, RefuseReason, SocketMetrics, bump};
+use crate::proxy::{forwarded_client, is_trusted};
+use crate::server::Shared;
+use crate::swarm::{Announce, AnswerPart, ConnId, FrameKind, Output, Request};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 /// The reply to a frame over the connection's rate limit (sent without reading the frame).
@@ -61,6 +66,13 @@ impl Read for Stream {
     }
 }
 
+impl Stream {
+    /// True while a TLS session has not finished its handshake.
+    fn tls_handshaking(&self) -> bool {
+        matches!(self, Stream::Tls(s) if s.conn.is_handshaking())
+    }
+}
+
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
@@ -77,8 +89,34 @@ impl Write for Stream {
     }
 }
 
+/// The forwarding headers of a request from a trusted proxy, kept for after the handshake.
+type Forwarded = Rc<RefCell<Option<(Option<String>, Option<String>)>>>;
+
+/// Captures `X-Forwarded-For` / `X-Real-IP`, only for connections from trusted proxies.
+struct ForwardedHeaders(Option<Forwarded>);
+
+impl Callback for ForwardedHeaders {
+    fn on_request(
+        self,
+        request: &tungstenite::handshake::server::Request,
+        response: tungstenite::handshake::server::Response,
+    ) -> Result<tungstenite::handshake::server::Response, HttpError> {
+        if let Some(slot) = self.0 {
+            let header = |name: &str| {
+                request
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            *slot.borrow_mut() = Some((header("x-forwarded-for"), header("x-real-ip")));
+        }
+        Ok(response)
+    }
+}
+
 enum State {
-    Handshaking(Box<MidHandshake<ServerHandshake<Stream, NoCallback>>>),
+    Handshaking(Box<MidHandshake<ServerHandshake<Stream, ForwardedHeaders>>>),
     Open(Box<WebSocket<Stream>>),
     /// Transitional: taken out while being advanced.
     Gone,
@@ -96,6 +134,12 @@ struct PendingScrape {
 struct Connection {
     id: ConnId,
     state: State,
+    /// The client: the socket's peer, or the address a trusted proxy forwarded.
+    addr: IpAddr,
+    /// The address counted against `max_connections_per_ip` (None until counted).
+    counted: Option<IpAddr>,
+    /// Headers captured from a trusted proxy's upgrade request.
+    forwarded: Option<Forwarded>,
     opened: Instant,
     last_frame: Instant,
     ping_sent: bool,
@@ -108,27 +152,17 @@ struct Connection {
     scrapes: Vec<PendingScrape>,
 }
 
-/// Why a connection is being closed (for logs now, metrics later).
-#[derive(Debug, Clone, Copy)]
-enum CloseReason {
-    Peer,
-    Error,
-    SlowReader,
-    HandshakeTimeout,
-    Idle,
-    Binary,
-    TooLarge,
-}
-
 pub(crate) struct SocketWorker {
     pub(crate) index: u16,
-    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
     pub(crate) poll: Poll,
     pub(crate) listener: TcpListener,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) to_swarms: Vec<Sender<(ConnId, Request)>>,
     pub(crate) from_swarms: Receiver<(ConnId, Output)>,
-    pub(crate) shutdown: Arc<AtomicBool>,
+    /// Echo text and binary messages back instead of speaking the tracker protocol: the
+    /// Autobahn conformance harness drives the same connection code through this.
+    pub(crate) echo: bool,
     // Kept alive for the loop's lifetime; swarm workers hold clones to wake this loop.
     pub(crate) _waker: Arc<Waker>,
 }
@@ -140,6 +174,7 @@ struct Loop {
     next_request_id: u64,
     decoder: Decoder,
     ws_config: WebSocketConfig,
+    access: AccessView,
     /// Connections that hit `FRAMES_PER_TURN` and may have more input buffered. Edge-triggered
     /// polling will not report them again, so the loop revisits them itself.
     again: Vec<usize>,
@@ -150,13 +185,14 @@ impl SocketWorker {
         self.poll
             .registry()
             .register(&mut self.listener, LISTENER, Interest::READABLE)?;
-        let p = &self.config.protocol;
+        let p = &self.shared.config.protocol;
         let decoder = Decoder::new(Limits {
             max_offers: p.max_offers,
             max_scrape_hashes: p.max_scrape_hashes,
             ..Limits::default()
         });
-        let n = &self.config.network;
+        let n = &self.shared.config.network;
+        let access = AccessView::new(&self.shared.access);
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(n.read_buffer_size)
             .write_buffer_size(0)
@@ -170,6 +206,7 @@ impl SocketWorker {
             next_request_id: 0,
             decoder,
             ws_config,
+            access,
             again: Vec::new(),
         };
         lp.run()
@@ -177,11 +214,15 @@ impl SocketWorker {
 }
 
 impl Loop {
+    fn m(&self) -> &SocketMetrics {
+        &self.w.shared.metrics.sockets[self.w.index as usize]
+    }
+
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        let tick = Duration::from_millis(250).min(self.w.config.handshake_timeout() / 2);
+        let tick = Duration::from_millis(250).min(self.w.shared.config.handshake_timeout() / 2);
         let mut next_sweep = Instant::now() + tick;
-        while !self.w.shutdown.load(Ordering::Relaxed) {
+        while !self.w.shared.shutting_down() {
             let timeout = if self.again.is_empty() {
                 next_sweep.saturating_duration_since(Instant::now())
             } else {
@@ -204,6 +245,7 @@ impl Loop {
                 }
             }
             self.deliver_from_swarms();
+            self.access.refresh(&self.w.shared.access);
             if Instant::now() >= next_sweep {
                 self.sweep();
                 next_sweep = Instant::now() + tick;
@@ -222,7 +264,7 @@ impl Loop {
                 }));
                 let _ = ws.flush();
             }
-            self.close(slot, CloseReason::Peer);
+            self.close(slot, CloseReason::Shutdown);
         }
         Ok(())
     }
@@ -237,11 +279,25 @@ impl Loop {
                     return;
                 }
             };
-            if self.conns.len() >= self.w.config.network.max_connections_per_worker {
+            if self.conns.len() >= self.w.shared.config.network.max_connections_per_worker {
                 // Refused before any per-connection allocation: dropping closes the socket.
                 tracing::debug!(%addr, "connection limit reached; refusing");
+                bump(&self.m().refused[RefuseReason::MaxConnections as usize], 1);
                 continue;
             }
+            let ip = addr.ip().to_canonical();
+            let via_proxy = is_trusted(&self.w.shared.config.network.trusted_proxies, ip);
+            // A proxy's connections are counted against the client it names, after the
+            // handshake; everyone else's now, before anything is allocated.
+            let counted = if via_proxy {
+                None
+            } else if self.w.shared.ip_limiter.acquire(ip) {
+                Some(ip)
+            } else {
+                tracing::debug!(%addr, "per-address connection limit reached; refusing");
+                bump(&self.m().refused[RefuseReason::PerIp as usize], 1);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let entry = self.conns.vacant_entry();
             let slot = entry.key();
@@ -251,6 +307,7 @@ impl Loop {
                 Interest::READABLE | Interest::WRITABLE,
             ) {
                 tracing::warn!("register failed: {e}");
+                self.release_ip(counted);
                 continue;
             }
             let stream = match &self.w.tls {
@@ -259,6 +316,7 @@ impl Loop {
                     Ok(conn) => Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))),
                     Err(e) => {
                         tracing::warn!("TLS session setup failed: {e}");
+                        self.release_ip(counted);
                         continue;
                     }
                 },
@@ -270,25 +328,37 @@ impl Loop {
                 slot: slot as u32,
                 serial: self.next_serial,
             };
-            let state = match tungstenite::accept_with_config(stream, Some(self.ws_config)) {
-                Ok(ws) => State::Open(Box::new(ws)),
-                Err(HandshakeError::Interrupted(mid)) => State::Handshaking(Box::new(mid)),
-                Err(HandshakeError::Failure(e)) => {
-                    tracing::debug!(%addr, "handshake failed: {e}");
-                    continue;
-                }
-            };
+            bump(&self.w.shared.metrics.sockets[self.w.index as usize].accepted, 1);
+            let forwarded: Option<Forwarded> = via_proxy.then(Default::default);
+            let callback = ForwardedHeaders(forwarded.clone());
+            // Whatever the first read brings is handled by the first readiness event.
+            let state = State::Handshaking(Box::new(ServerHandshake::start(
+                stream,
+                callback,
+                Some(self.ws_config),
+            )));
             entry.insert(Connection {
                 id,
                 state,
+                addr: ip,
+                counted,
+                forwarded,
                 opened: now,
                 last_frame: now,
                 ping_sent: false,
-                tokens: f64::from(self.w.config.network.message_burst),
+                tokens: f64::from(self.w.shared.config.network.message_burst),
                 tokens_at: now,
                 swarms: ahash::AHashSet::new(),
                 scrapes: Vec::new(),
             });
+            bump(&self.m().connections, 1);
+            self.advance(slot);
+        }
+    }
+
+    fn release_ip(&self, counted: Option<IpAddr>) {
+        if let Some(ip) = counted {
+            self.w.shared.ip_limiter.release(ip);
         }
     }
 
@@ -302,14 +372,25 @@ impl Loop {
                 return;
             };
             match mid.handshake() {
-                Ok(ws) => conn.state = State::Open(Box::new(ws)),
+                Ok(ws) => {
+                    if matches!(ws.get_ref(), Stream::Tls(_)) {
+                        bump(
+                            &self.w.shared.metrics.sockets[self.w.index as usize].tls_handshakes,
+                            1,
+                        );
+                    }
+                    conn.state = State::Open(Box::new(ws));
+                    if !self.on_open(slot) {
+                        return;
+                    }
+                }
                 Err(HandshakeError::Interrupted(mid)) => {
                     conn.state = State::Handshaking(Box::new(mid));
                     return;
                 }
                 Err(HandshakeError::Failure(e)) => {
-                    tracing::debug!("handshake failed: {e}");
-                    self.close(slot, CloseReason::Error);
+                    tracing::debug!(addr = %conn.addr, "handshake failed: {e}");
+                    self.close(slot, CloseReason::HandshakeFailed);
                     return;
                 }
             }
@@ -321,7 +402,45 @@ impl Loop {
         self.flush(slot);
     }
 
+    /// After the upgrade: resolves a proxied client's address and applies the per-address
+    /// limit to it. False if the connection was refused and closed.
+    fn on_open(&mut self, slot: usize) -> bool {
+        let shared = self.w.shared.clone();
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return false;
+        };
+        let Some(forwarded) = conn.forwarded.take() else {
+            return true;
+        };
+        let headers = forwarded.borrow_mut().take();
+        if let Some((xff, real_ip)) = headers
+            && let Some(client) = forwarded_client(
+                &shared.config.network.trusted_proxies,
+                xff.as_deref(),
+                real_ip.as_deref(),
+            )
+        {
+            conn.addr = client.to_canonical();
+        }
+        if shared.ip_limiter.acquire(conn.addr) {
+            conn.counted = Some(conn.addr);
+            return true;
+        }
+        tracing::debug!(addr = %conn.addr, "per-address connection limit reached; closing");
+        if let State::Open(ws) = &mut conn.state {
+            let _ = ws.close(Some(CloseFrame {
+                code: CloseCode::Policy,
+                reason: "too many connections from your address".into(),
+            }));
+            let _ = ws.flush();
+        }
+        bump(&self.m().refused[RefuseReason::PerIp as usize], 1);
+        self.close(slot, CloseReason::PerIpLimit);
+        false
+    }
+
     fn read_frames(&mut self, slot: usize) -> Result<(), CloseReason> {
+        let echo = self.w.echo;
         for _ in 0..FRAMES_PER_TURN {
             let Some(Connection {
                 state: State::Open(ws),
@@ -342,6 +461,7 @@ impl Loop {
                 }
                 Err(tungstenite::Error::Capacity(e)) => {
                     tracing::debug!("message over limit: {e}");
+                    // Message too big for us: close code 1009.
                     let _ = ws.close(Some(CloseFrame {
                         code: CloseCode::Size,
                         reason: "message too large".into(),
@@ -349,20 +469,36 @@ impl Loop {
                     let _ = ws.flush();
                     return Err(CloseReason::TooLarge);
                 }
-                Err(e) => {
+                Err(tungstenite::Error::Io(e)) => {
                     tracing::debug!("read failed: {e}");
-                    return Err(CloseReason::Error);
+                    return Err(CloseReason::Io);
+                }
+                Err(e) => {
+                    // Framing, masking, UTF-8 or close-code violations. tungstenite has
+                    // queued the right close frame (1002 / 1007); send it before dropping.
+                    tracing::debug!("protocol violation: {e}");
+                    let _ = ws.flush();
+                    return Err(CloseReason::Protocol);
                 }
             };
             *last_frame = Instant::now();
             *ping_sent = false;
             match msg {
+                Message::Text(text) if echo => {
+                    let _ = ws.write(Message::Text(text));
+                }
+                Message::Binary(data) if echo => {
+                    let _ = ws.write(Message::Binary(data));
+                }
                 Message::Text(text) => {
+                    bump(&self.m().bytes_in, text.len() as u64);
                     if self.take_token(slot) {
                         self.handle_request(slot, text.as_str());
                     } else {
                         // Not decoded at all: a flooder costs a refill check and a reply.
-                        self.send(slot, RATE_LIMITED.to_owned());
+                        self.count_in(InKind::RateLimited);
+                        self.count_error(ErrorKind::RateLimited);
+                        self.send(slot, OutKind::Error, RATE_LIMITED.to_owned());
                     }
                 }
                 Message::Binary(_) => {
@@ -382,9 +518,17 @@ impl Loop {
         Ok(())
     }
 
+    fn count_in(&self, kind: InKind) {
+        bump(&self.m().messages_in[kind as usize], 1);
+    }
+
+    fn count_error(&self, kind: ErrorKind) {
+        bump(&self.m().errors[kind as usize], 1);
+    }
+
     /// Takes one token from the connection's bucket; false when it is empty.
     fn take_token(&mut self, slot: usize) -> bool {
-        let n = &self.w.config.network;
+        let n = &self.w.shared.config.network;
         if n.max_messages_per_second == 0 {
             return true;
         }
@@ -438,13 +582,35 @@ impl Loop {
             }),
         });
         match step {
-            Step::Reply(frame) => self.send(slot, frame),
-            Step::Announce(a) => self.forward_announce(slot, a),
-            Step::Scrape(hashes) => self.forward_scrape(slot, hashes),
+            Step::Reply(frame) => {
+                self.count_in(InKind::Invalid);
+                self.count_error(ErrorKind::InvalidRequest);
+                self.send(slot, OutKind::Error, frame);
+            }
+            Step::Announce(a) => {
+                self.count_in(if a.answer.is_some() {
+                    InKind::Answer
+                } else {
+                    InKind::Announce
+                });
+                self.forward_announce(slot, a);
+            }
+            Step::Scrape(hashes) => {
+                self.count_in(InKind::Scrape);
+                self.forward_scrape(slot, hashes);
+            }
         }
     }
 
-    fn failure(&mut self, slot: usize, reason: &str, action: Action, info_hash: Option<InfoHash>) {
+    fn failure(
+        &mut self,
+        slot: usize,
+        kind: ErrorKind,
+        reason: &str,
+        action: Action,
+        info_hash: Option<InfoHash>,
+    ) {
+        self.count_error(kind);
         let mut out = Vec::new();
         ErrorResponse {
             failure_reason: reason.into(),
@@ -452,7 +618,11 @@ impl Loop {
             info_hash,
         }
         .encode(&mut out);
-        self.send(slot, String::from_utf8(out).unwrap_or_default());
+        self.send(
+            slot,
+            OutKind::Error,
+            String::from_utf8(out).unwrap_or_default(),
+        );
     }
 
     fn shard_of(&self, info_hash: &InfoHash) -> usize {
@@ -460,7 +630,18 @@ impl Loop {
     }
 
     fn forward_announce(&mut self, slot: usize, a: Announce) {
-        let max = self.w.config.protocol.max_swarms_per_connection;
+        if !self.access.list().allows(&a.info_hash) {
+            let reason = "info_hash is not allowed on this tracker";
+            self.failure(
+                slot,
+                ErrorKind::AccessDenied,
+                reason,
+                Action::Announce,
+                Some(a.info_hash),
+            );
+            return;
+        }
+        let max = self.w.shared.config.protocol.max_swarms_per_connection;
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
@@ -468,7 +649,13 @@ impl Loop {
         if !conn.swarms.contains(&a.info_hash) {
             if conn.swarms.len() >= max {
                 let reason = format!("too many swarms on one connection (limit {max})");
-                self.failure(slot, &reason, Action::Announce, Some(a.info_hash));
+                self.failure(
+                    slot,
+                    ErrorKind::SwarmLimit,
+                    &reason,
+                    Action::Announce,
+                    Some(a.info_hash),
+                );
                 return;
             }
             conn.swarms.insert(a.info_hash);
@@ -480,7 +667,13 @@ impl Loop {
                 TrySendError::Full(_) => "tracker is overloaded; retry later",
                 TrySendError::Disconnected(_) => "tracker is shutting down",
             };
-            self.failure(slot, reason, Action::Announce, Some(info_hash));
+            self.failure(
+                slot,
+                ErrorKind::Overloaded,
+                reason,
+                Action::Announce,
+                Some(info_hash),
+            );
         }
     }
 
@@ -507,7 +700,11 @@ impl Loop {
             // A scrape of an empty list: answer at once.
             let mut out = Vec::new();
             ScrapeResponse::default().encode(&mut out);
-            self.send(slot, String::from_utf8(out).unwrap_or_default());
+            self.send(
+                slot,
+                OutKind::Scrape,
+                String::from_utf8(out).unwrap_or_default(),
+            );
             return;
         }
         conn.scrapes.push(PendingScrape {
@@ -528,6 +725,7 @@ impl Loop {
                 }
                 self.failure(
                     slot,
+                    ErrorKind::Overloaded,
                     "tracker is overloaded; retry later",
                     Action::Scrape,
                     None,
@@ -538,6 +736,7 @@ impl Loop {
     }
 
     fn deliver_from_swarms(&mut self) {
+        set_gauge(&self.m().inbox_depth, self.w.from_swarms.len() as u64);
         let mut touched = Vec::new();
         while let Ok((id, output)) = self.w.from_swarms.try_recv() {
             let slot = id.slot as usize;
@@ -547,14 +746,27 @@ impl Loop {
                 _ => continue,
             }
             match output {
-                Output::Frame(frame) => {
-                    if self.queue(slot, frame) {
+                Output::Frame(kind, frame) => {
+                    let kind = match kind {
+                        FrameKind::AnnounceResponse => OutKind::Announce,
+                        FrameKind::Offer => OutKind::Offer,
+                        FrameKind::Answer => OutKind::Answer,
+                        FrameKind::Error => {
+                            self.count_error(ErrorKind::PeerIdInUse);
+                            OutKind::Error
+                        }
+                        FrameKind::Denied => {
+                            self.count_error(ErrorKind::AccessDenied);
+                            OutKind::Error
+                        }
+                    };
+                    if self.queue(slot, kind, frame) {
                         touched.push(slot);
                     }
                 }
                 Output::ScrapePart { request_id, files } => {
                     if let Some(frame) = self.merge_scrape(slot, request_id, files)
-                        && self.queue(slot, frame)
+                        && self.queue(slot, OutKind::Scrape, frame)
                     {
                         touched.push(slot);
                     }
@@ -606,14 +818,17 @@ impl Loop {
     }
 
     /// Queues a frame and flushes what the socket takes now.
-    fn send(&mut self, slot: usize, frame: String) {
-        if self.queue(slot, frame) {
+    fn send(&mut self, slot: usize, kind: OutKind, frame: String) {
+        if self.queue(slot, kind, frame) {
             self.flush(slot);
         }
     }
 
     /// Queues a frame; closes a reader whose queue is full. True if still open.
-    fn queue(&mut self, slot: usize, frame: String) -> bool {
+    fn queue(&mut self, slot: usize, kind: OutKind, frame: String) -> bool {
+        let m = &self.w.shared.metrics.sockets[self.w.index as usize];
+        bump(&m.messages_out[kind as usize], 1);
+        bump(&m.bytes_out, frame.len() as u64);
         let Some(Connection {
             state: State::Open(ws),
             ..
@@ -630,7 +845,7 @@ impl Loop {
             }
             Err(e) => {
                 tracing::debug!("write failed: {e}");
-                self.close(slot, CloseReason::Error);
+                self.close(slot, CloseReason::Io);
                 false
             }
         }
@@ -650,7 +865,7 @@ impl Loop {
             Err(tungstenite::Error::ConnectionClosed) => self.close(slot, CloseReason::Peer),
             Err(e) => {
                 tracing::debug!("flush failed: {e}");
-                self.close(slot, CloseReason::Error);
+                self.close(slot, CloseReason::Io);
             }
         }
     }
@@ -658,8 +873,8 @@ impl Loop {
     /// Timeouts: unfinished handshakes, pings for quiet connections, idle closes.
     fn sweep(&mut self) {
         let now = Instant::now();
-        let n = &self.w.config.network;
-        let handshake = self.w.config.handshake_timeout();
+        let n = &self.w.shared.config.network;
+        let handshake = self.w.shared.config.handshake_timeout();
         let ping = Duration::from_secs(n.ping_interval_secs);
         let idle = Duration::from_secs(n.idle_timeout_secs);
         let mut to_close = Vec::new();
@@ -698,7 +913,22 @@ impl Loop {
             return;
         }
         let conn = self.conns.remove(slot);
-        tracing::debug!(worker = self.w.index, slot, ?reason, "connection closed");
+        let m = &self.w.shared.metrics.sockets[self.w.index as usize];
+        bump(&m.closed[reason as usize], 1);
+        set_gauge(
+            &m.connections,
+            m.connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(1),
+        );
+        if let State::Handshaking(mid) = &conn.state
+            && mid.get_ref().get_ref().tls_handshaking()
+        {
+            // Counted, not logged: scanners and attackers fail TLS handshakes by the thousand.
+            bump(&m.tls_handshake_failures, 1);
+        }
+        self.release_ip(conn.counted);
+        tracing::debug!(worker = self.w.index, slot, addr = %conn.addr, ?reason, "connection closed");
         let shards = self.w.to_swarms.len();
         let mut per_shard: Vec<Vec<InfoHash>> = vec![Vec::new(); shards];
         for h in conn.swarms {
@@ -716,4 +946,9 @@ impl Loop {
             );
         }
     }
+}
+
+/// Sets a gauge that only this thread writes.
+fn set_gauge(gauge: &std::sync::atomic::AtomicU64, value: u64) {
+    gauge.store(value, std::sync::atomic::Ordering::Relaxed);
 }

@@ -1,9 +1,9 @@
 //! Starting and stopping the tracker: binds the shared port, loads TLS, spawns the socket and
 //! swarm worker threads and wires the bounded channels between them.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use mio::{Poll, Waker};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tidepool_protocol::tracker::{Action, ErrorResponse};
 
+use crate::access::{AccessList, AccessListError, AccessListMode, AccessView, SharedAccessList};
 use crate::config::{Config, ConfigError};
+use crate::metrics::{Metrics, Rates, Totals, bump};
 use crate::net::{SocketWorker, WAKER};
-use crate::swarm::{ConnId, Output, Request, Shard, ShardConfig};
+use crate::proxy::IpLimiter;
+use crate::swarm::{ConnId, FrameKind, Output, Request, Shard, ShardConfig};
+use crate::tls::{CertStore, TlsError};
 
 /// Why the tracker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +36,11 @@ pub enum StartError {
         source: io::Error,
     },
     /// The certificate or key could not be loaded.
-    #[error("TLS: {0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The access list could not be loaded.
+    #[error(transparent)]
+    AccessList(#[from] AccessListError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StartError {
@@ -44,30 +50,108 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StartError {
     }
 }
 
+/// State every thread of one tracker reads.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) metrics: Metrics,
+    pub(crate) access: SharedAccessList,
+    pub(crate) ip_limiter: IpLimiter,
+    shutdown: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
+    }
+
+    /// Loads the access list file and swaps it in; the old list stays on error.
+    fn reload_access_list(&self) -> Result<usize, AccessListError> {
+        let c = &self.config.access_list;
+        let (AccessListMode::Allow | AccessListMode::Deny, Some(path)) = (c.mode, &c.path) else {
+            return Ok(0);
+        };
+        match AccessList::load(c.mode, path) {
+            Ok(list) => {
+                let n = list.len();
+                self.access.replace(list);
+                self.metrics
+                    .access_list_entries
+                    .store(n as u64, Ordering::Relaxed);
+                self.metrics
+                    .access_list_reloads
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(n)
+            }
+            Err(e) => {
+                self.metrics
+                    .access_list_reload_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+}
+
 /// A running tracker. Dropping it without [`Tracker::shutdown`] leaves the threads running.
 #[derive(Debug)]
 pub struct Tracker {
     addr: SocketAddr,
-    tls: bool,
-    shutdown: Arc<AtomicBool>,
+    metrics_addr: Option<SocketAddr>,
+    certs: Option<Arc<CertStore>>,
+    shared: Arc<Shared>,
     wakers: Vec<Arc<Waker>>,
+    stop_control: Option<Sender<()>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Tracker {
     /// Validates `config`, binds, and starts every worker.
     pub fn start(config: Config) -> Result<Tracker, StartError> {
+        Self::start_inner(config, false)
+    }
+
+    /// Starts the same socket workers as [`Tracker::start`], but every text or binary message
+    /// is echoed back instead of being handled as tracker protocol. For WebSocket conformance
+    /// testing (Autobahn) of the connection code only; never for serving clients.
+    #[doc(hidden)]
+    pub fn start_echo(config: Config) -> Result<Tracker, StartError> {
+        Self::start_inner(config, true)
+    }
+
+    fn start_inner(config: Config, echo: bool) -> Result<Tracker, StartError> {
         config.validate()?;
-        let config = Arc::new(config);
-        let tls = match (&config.network.tls_cert, &config.network.tls_key) {
-            (Some(cert), Some(key)) => Some(load_tls(cert, key)?),
+        let certs = match (&config.network.tls_cert, &config.network.tls_key) {
+            (Some(cert), Some(key)) => Some(CertStore::load(cert, key)?),
             _ => None,
         };
+        let tls = certs.as_ref().map(CertStore::server_config).transpose()?;
         let listeners = bind_reuseport(config.network.listen, config.workers.socket_workers)?;
         let addr = listeners[0]
             .local_addr()
             .map_err(io_err("reading the bound address"))?;
-        let shutdown = Arc::new(AtomicBool::new(false));
+        let metrics_listener = config
+            .metrics
+            .listen
+            .map(|a| {
+                std::net::TcpListener::bind(a).map_err(io_err(format!("binding metrics on {a}")))
+            })
+            .transpose()?;
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()
+            .map_err(io_err("reading the metrics address"))?;
+
+        let shared = Arc::new(Shared {
+            metrics: Metrics::new(config.workers.socket_workers, config.workers.swarm_workers),
+            access: SharedAccessList::new(AccessList::default()),
+            ip_limiter: IpLimiter::new(config.network.max_connections_per_ip),
+            shutdown: AtomicBool::new(false),
+            config,
+        });
+        shared.reload_access_list()?;
+        let config = &shared.config;
         let cap = config.workers.channel_capacity;
 
         let (to_swarms, swarm_rxs): (Vec<Sender<(ConnId, Request)>>, Vec<_>) =
@@ -92,6 +176,7 @@ impl Tracker {
         let mut threads = Vec::new();
         for (index, rx) in swarm_rxs.into_iter().enumerate() {
             let worker = SwarmWorker {
+                index,
                 shard: Shard::new(
                     ShardConfig {
                         announce_interval: config.protocol.announce_interval_secs,
@@ -101,18 +186,13 @@ impl Tracker {
                     },
                     fastrand::u64(..),
                 ),
-                clean_interval: Duration::from_secs(config.protocol.clean_interval_secs),
+                access: AccessView::new(&shared.access),
                 rx,
                 to_sockets: to_sockets.clone(),
                 wakers: wakers.clone(),
-                shutdown: shutdown.clone(),
+                shared: shared.clone(),
             };
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("swarm-{index}"))
-                    .spawn(move || worker.run())
-                    .map_err(io_err("spawning a swarm worker"))?,
-            );
+            threads.push(spawn(format!("swarm-{index}"), move || worker.run())?);
         }
         drop(to_sockets);
 
@@ -121,32 +201,41 @@ impl Tracker {
         {
             let worker = SocketWorker {
                 index: index as u16,
-                config: config.clone(),
+                shared: shared.clone(),
                 poll,
                 listener,
                 tls: tls.clone(),
                 to_swarms: to_swarms.clone(),
                 from_swarms: rx,
-                shutdown: shutdown.clone(),
+                echo,
                 _waker: wakers[index].clone(),
             };
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("socket-{index}"))
-                    .spawn(move || {
-                        if let Err(e) = worker.run() {
-                            tracing::error!("socket worker {index} stopped: {e}");
-                        }
-                    })
-                    .map_err(io_err("spawning a socket worker"))?,
-            );
+            threads.push(spawn(format!("socket-{index}"), move || {
+                if let Err(e) = worker.run() {
+                    tracing::error!("socket worker {index} stopped: {e}");
+                }
+            })?);
+        }
+
+        let (stop_control, stop_rx) = crossbeam_channel::bounded(1);
+        let control = shared.clone();
+        threads.push(spawn("control".into(), move || {
+            run_control(&control, &stop_rx)
+        })?);
+        if let Some(listener) = metrics_listener {
+            let shared = shared.clone();
+            threads.push(spawn("stats".into(), move || {
+                crate::stats::serve(listener, shared);
+            })?);
         }
 
         Ok(Tracker {
             addr,
-            tls: tls.is_some(),
-            shutdown,
+            metrics_addr,
+            certs,
+            shared,
             wakers,
+            stop_control: Some(stop_control),
             threads,
         })
     }
@@ -156,19 +245,107 @@ impl Tracker {
         self.addr
     }
 
+    /// The address of `/metrics` and `/stats`, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// The URL clients announce to.
     pub fn url(&self) -> String {
-        format!("{}://{}", if self.tls { "wss" } else { "ws" }, self.addr)
+        let scheme = if self.certs.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Re-reads the access list file (what SIGUSR1 does). Swarms the new list refuses are
+    /// emptied of their peers; connections stay open. On error the old list stays in force.
+    /// Returns the number of info hashes loaded.
+    pub fn reload_access_list(&self) -> Result<usize, AccessListError> {
+        self.shared.reload_access_list()
+    }
+
+    /// Re-reads the certificate and key (what SIGHUP does). New handshakes use them; live
+    /// connections are untouched. On error the old certificate stays in use.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        let Some(certs) = &self.certs else {
+            return Ok(());
+        };
+        let m = &self.shared.metrics;
+        match certs.reload() {
+            Ok(()) => {
+                m.tls_reloads.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                m.tls_reload_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
     }
 
     /// Closes every connection with a close frame and stops all threads.
-    pub fn shutdown(self) {
-        self.shutdown.store(true, Ordering::Relaxed);
+    pub fn shutdown(mut self) {
+        self.shared.shutdown.store(true, Ordering::Relaxed);
         for waker in &self.wakers {
             let _ = waker.wake();
         }
+        drop(self.stop_control.take());
+        if let Some(addr) = self.metrics_addr {
+            // Wakes the stats thread's blocking accept so it sees the flag.
+            let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200));
+        }
         for thread in self.threads {
             let _ = thread.join();
+        }
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StartError> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(f)
+        .map_err(io_err(format!("spawning thread {name}")))
+}
+
+/// Timed chores: message rates for the stats page, and the access list reload interval.
+fn run_control(shared: &Shared, stop: &Receiver<()>) {
+    let tick = Duration::from_millis(shared.config.metrics.stats_interval_ms);
+    let reload_every = Duration::from_secs(shared.config.access_list.reload_interval_secs);
+    let mut next_reload = Instant::now() + reload_every;
+    // Samples over the last five seconds; rates are the slope across them.
+    let mut samples: VecDeque<(Instant, Totals)> = VecDeque::new();
+    loop {
+        match stop.recv_timeout(tick) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let now = Instant::now();
+        samples.push_back((now, shared.metrics.totals()));
+        while samples.len() > 2
+            && samples
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(5))
+        {
+            samples.pop_front();
+        }
+        if let (Some((t0, a)), Some((t1, b))) = (samples.front(), samples.back()) {
+            let dt = t1.duration_since(*t0).as_secs_f64();
+            if dt > 0.0 {
+                let rate = |x: u64, y: u64| y.saturating_sub(x) as f64 / dt;
+                if let Ok(mut r) = shared.metrics.rates.lock() {
+                    *r = Rates {
+                        messages_in: rate(a.messages_in, b.messages_in),
+                        messages_out: rate(a.messages_out, b.messages_out),
+                        announces: rate(a.announces, b.announces),
+                        offers: rate(a.offers, b.offers),
+                    };
+                }
+            }
+        }
+        if !reload_every.is_zero() && now >= next_reload {
+            next_reload = now + reload_every;
+            if let Err(e) = shared.reload_access_list() {
+                tracing::warn!("{e}; keeping the previous access list");
+            }
         }
     }
 }
@@ -200,56 +377,50 @@ fn bind_reuseport(addr: SocketAddr, n: usize) -> Result<Vec<mio::net::TcpListene
     Ok(listeners)
 }
 
-fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, StartError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| StartError::Tls(format!("reading {}: {e}", cert.display())))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| StartError::Tls(format!("parsing {}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(StartError::Tls(format!(
-            "no certificate in {}",
-            cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| StartError::Tls(format!("reading key {}: {e}", key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StartError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| StartError::Tls(e.to_string()))?;
-    Ok(Arc::new(config))
-}
-
-/// The I/O shell around one [`Shard`]: receives requests, delivers outputs, cleans.
+/// The I/O shell around one [`Shard`]: receives requests, delivers outputs, cleans, enforces
+/// access list changes and publishes its gauges.
 struct SwarmWorker {
+    index: usize,
     shard: Shard,
-    clean_interval: Duration,
+    access: AccessView,
     rx: Receiver<(ConnId, Request)>,
     to_sockets: Vec<Sender<(ConnId, Output)>>,
     wakers: Vec<Arc<Waker>>,
-    shutdown: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl SwarmWorker {
     fn run(mut self) {
+        let shared = self.shared.clone();
+        let m = &shared.metrics.swarms[self.index];
+        let clean_interval = Duration::from_secs(shared.config.protocol.clean_interval_secs);
+        let stats_interval = Duration::from_millis(shared.config.metrics.stats_interval_ms);
+        let publish_top = shared.config.metrics.listen.is_some();
         let mut out = Vec::new();
         let mut wake = vec![false; self.to_sockets.len()];
-        let mut next_clean = Instant::now() + self.clean_interval;
-        while !self.shutdown.load(Ordering::Relaxed) {
+        let mut next_clean = Instant::now() + clean_interval;
+        let mut next_stats = Instant::now();
+        while !shared.shutting_down() {
             let wait = next_clean
+                .min(next_stats)
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(500));
+            if self.access.refresh(&shared.access) {
+                let list = self.access.list();
+                let purged = self.shard.retain_swarms(|h| list.allows(h));
+                bump(&m.peers_purged, purged as u64);
+            }
             match self.rx.recv_timeout(wait) {
-                Ok((conn, request)) => {
+                Ok(first) => {
                     let now = Instant::now();
-                    self.shard.handle(now, conn, request, &mut out);
-                    // Drain what else is queued before delivering, so wakes are batched.
-                    for (conn, request) in self.rx.try_iter().take(1024) {
-                        self.shard.handle(now, conn, request, &mut out);
+                    m.inbox_depth.store(self.rx.len() as u64, Ordering::Relaxed);
+                    let mut handled = 0;
+                    let batch = std::iter::once(first).chain(self.rx.try_iter().take(1024));
+                    for (conn, request) in batch {
+                        handle(&mut self.shard, &self.access, now, conn, request, &mut out);
+                        handled += 1;
                     }
+                    bump(&m.requests, handled);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -257,7 +428,17 @@ impl SwarmWorker {
             let now = Instant::now();
             if now >= next_clean {
                 self.shard.clean(now);
-                next_clean = now + self.clean_interval;
+                next_clean = now + clean_interval;
+            }
+            if now >= next_stats {
+                let (swarms, seeders, leechers) = self.shard.totals();
+                m.swarms.store(swarms, Ordering::Relaxed);
+                m.seeders.store(seeders, Ordering::Relaxed);
+                m.leechers.store(leechers, Ordering::Relaxed);
+                if publish_top && let Ok(mut top) = m.top.lock() {
+                    *top = self.shard.top_swarms(shared.config.metrics.top_swarms);
+                }
+                next_stats = now + stats_interval;
             }
             for (conn, output) in out.drain(..) {
                 let w = conn.worker as usize;
@@ -274,4 +455,31 @@ impl SwarmWorker {
             }
         }
     }
+}
+
+/// Hands a request to the shard, refusing announces into swarms the access list denies. The
+/// socket workers check too; this closes the race with a reload in between.
+fn handle(
+    shard: &mut Shard,
+    access: &AccessView,
+    now: Instant,
+    conn: ConnId,
+    request: Request,
+    out: &mut Vec<(ConnId, Output)>,
+) {
+    if let Request::Announce(a) = &request
+        && !access.list().allows(&a.info_hash)
+    {
+        let mut frame = Vec::new();
+        ErrorResponse {
+            failure_reason: "info_hash is not allowed on this tracker".into(),
+            action: Some(Action::Announce),
+            info_hash: Some(a.info_hash),
+        }
+        .encode(&mut frame);
+        let frame = String::from_utf8(frame).unwrap_or_default();
+        out.push((conn, Output::Frame(FrameKind::Denied, frame)));
+        return;
+    }
+    shard.handle(now, conn, request, out);
 }

@@ -76,11 +76,27 @@ pub enum Request {
     },
 }
 
+/// What kind of message a frame from the shard is (for the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// The reply to an announce.
+    AnnounceResponse,
+    /// An offer forwarded to a peer.
+    Offer,
+    /// An answer routed back to the offerer.
+    Answer,
+    /// A failure reply.
+    Error,
+    /// A failure reply refusing a swarm the access list denies (sent by the worker that
+    /// drives the shard, which holds the list).
+    Denied,
+}
+
 /// What a shard produces for a connection.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     /// A text frame to send.
-    Frame(String),
+    Frame(FrameKind, String),
     /// One shard's part of a scrape reply.
     ScrapePart {
         /// The scrape it answers.
@@ -173,6 +189,47 @@ impl Shard {
         self.swarms.values().map(|s| s.peers.len()).sum()
     }
 
+    /// Swarms, seeders and leechers held (walks every swarm: call it once a stats interval,
+    /// not per request).
+    pub fn totals(&self) -> (u64, u64, u64) {
+        let (mut seeders, mut leechers) = (0, 0);
+        for swarm in self.swarms.values() {
+            let stats = swarm.stats();
+            seeders += stats.complete;
+            leechers += stats.incomplete;
+        }
+        (self.swarms.len() as u64, seeders, leechers)
+    }
+
+    /// The `n` swarms with the most peers, biggest first.
+    pub fn top_swarms(&self, n: usize) -> Vec<(InfoHash, ScrapeStats)> {
+        let mut all: Vec<(InfoHash, ScrapeStats)> =
+            self.swarms.iter().map(|(h, s)| (*h, s.stats())).collect();
+        let key =
+            |(h, s): &(InfoHash, ScrapeStats)| (std::cmp::Reverse(s.complete + s.incomplete), h.0);
+        if all.len() > n && n > 0 {
+            all.select_nth_unstable_by_key(n - 1, key);
+            all.truncate(n);
+        }
+        all.sort_by_key(key);
+        all.truncate(n);
+        all
+    }
+
+    /// Drops every swarm `keep` refuses, with its peers (used when an access list changes).
+    /// Returns the number of peers removed.
+    pub fn retain_swarms(&mut self, keep: impl Fn(&InfoHash) -> bool) -> usize {
+        let mut removed = 0;
+        self.swarms.retain(|h, swarm| {
+            let kept = keep(h);
+            if !kept {
+                removed += swarm.peers.len();
+            }
+            kept
+        });
+        removed
+    }
+
     /// Handles one request from `conn` at time `now`.
     pub fn handle(
         &mut self,
@@ -253,7 +310,7 @@ impl Shard {
                 info_hash: Some(a.info_hash),
             }
             .encode(&mut frame);
-            out.push((conn, Output::Frame(into_string(frame))));
+            out.push((conn, Output::Frame(FrameKind::Error, into_string(frame))));
         };
 
         let owner = self
@@ -331,7 +388,10 @@ impl Shard {
             interval: self.config.announce_interval,
         }
         .encode(&mut frame);
-        out.push((conn, Output::Frame(into_string(frame))));
+        out.push((
+            conn,
+            Output::Frame(FrameKind::AnnounceResponse, into_string(frame)),
+        ));
 
         if !a.offers.is_empty() && a.event != AnnounceEvent::Stopped {
             let want = a
@@ -396,7 +456,10 @@ impl Shard {
                 offer: OpaqueJson::Encoded(offer),
             }
             .encode(&mut frame);
-            out.push((peer.conn, Output::Frame(into_string(frame))));
+            out.push((
+                peer.conn,
+                Output::Frame(FrameKind::Offer, into_string(frame)),
+            ));
         }
     }
 
@@ -427,7 +490,10 @@ impl Shard {
             answer: OpaqueJson::Encoded(&answer.answer),
         }
         .encode(&mut frame);
-        out.push((to.conn, Output::Frame(into_string(frame))));
+        out.push((
+            to.conn,
+            Output::Frame(FrameKind::Answer, into_string(frame)),
+        ));
     }
 }
 
@@ -514,7 +580,7 @@ mod tests {
         out.iter()
             .filter(|(c, _)| *c == to)
             .filter_map(|(_, o)| match o {
-                Output::Frame(f) => Some(f.clone()),
+                Output::Frame(_, f) => Some(f.clone()),
                 Output::ScrapePart { .. } => None,
             })
             .map(|f| {
@@ -801,5 +867,35 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn totals_top_swarms_and_access_list_purges() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for peer in 1..=3 {
+            act(
+                &mut s,
+                now,
+                peer,
+                AnnounceEvent::Started,
+                peer == 1,
+                0,
+                &mut out,
+            );
+        }
+        let mut other = announce(9, AnnounceEvent::Started, false, 0);
+        if let Request::Announce(a) = &mut other {
+            a.info_hash = InfoHash([2; 20]);
+        }
+        s.handle(now, conn(9), other, &mut out);
+        assert_eq!(s.totals(), (2, 1, 3), "(swarms, seeders, leechers)");
+        let top = s.top_swarms(1);
+        assert_eq!(top, vec![(InfoHash([1; 20]), counts(1, 2, 0))]);
+        assert_eq!(s.top_swarms(10).len(), 2);
+        assert_eq!(s.retain_swarms(|h| *h != InfoHash([1; 20])), 3);
+        assert_eq!(s.totals(), (1, 0, 1));
+        assert_eq!(stats(&mut s, now), counts(0, 0, 0));
     }
 }

@@ -1,0 +1,222 @@
+//! Access lists: which swarms the tracker serves. A file of hex info hashes, read as an allow
+//! list or a deny list, swapped in whole on reload so workers never see half a file.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use ahash::AHashSet;
+use serde::{Deserialize, Serialize};
+use tidepool_protocol::InfoHash;
+
+/// How the list is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessListMode {
+    /// Every swarm is served; no file is read.
+    #[default]
+    Off,
+    /// Only swarms in the file are served.
+    Allow,
+    /// Every swarm except those in the file is served.
+    Deny,
+}
+
+/// Why an access list file was rejected (the previous list stays in force).
+#[derive(Debug, thiserror::Error)]
+pub enum AccessListError {
+    /// The file could not be read.
+    #[error("reading access list {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A line is not 40 hex digits.
+    #[error("access list {path}, line {line}: expected 40 hex digits, found {found:?}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// The offending text (truncated).
+        found: String,
+    },
+}
+
+/// A loaded list.
+#[derive(Debug, Clone, Default)]
+pub struct AccessList {
+    mode: AccessListMode,
+    hashes: AHashSet<InfoHash>,
+}
+
+impl AccessList {
+    /// Reads `path`: one info hash per line as 40 hex digits; blank lines and `#` comments
+    /// are ignored. Any bad line rejects the whole file.
+    pub fn load(mode: AccessListMode, path: &Path) -> Result<Self, AccessListError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AccessListError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(mode, &text).map_err(|(line, found)| AccessListError::Parse {
+            path: path.display().to_string(),
+            line,
+            found,
+        })
+    }
+
+    fn parse(mode: AccessListMode, text: &str) -> Result<Self, (usize, String)> {
+        let mut hashes = AHashSet::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let hash = parse_hex(line).ok_or_else(|| (i + 1, line.chars().take(60).collect()))?;
+            hashes.insert(hash);
+        }
+        Ok(Self { mode, hashes })
+    }
+
+    /// Whether announces into `info_hash` are served.
+    pub fn allows(&self, info_hash: &InfoHash) -> bool {
+        match self.mode {
+            AccessListMode::Off => true,
+            AccessListMode::Allow => self.hashes.contains(info_hash),
+            AccessListMode::Deny => !self.hashes.contains(info_hash),
+        }
+    }
+
+    /// Info hashes in the list.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// Whether the list holds no info hash.
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+}
+
+fn parse_hex(s: &str) -> Option<InfoHash> {
+    let bytes = s.as_bytes();
+    if bytes.len() != 40 {
+        return None;
+    }
+    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; 20];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(InfoHash(out))
+}
+
+/// The list shared by all workers. Workers keep their own `Arc` and compare generations once
+/// per loop turn, so the lock is taken only when a reload happened.
+#[derive(Debug, Default)]
+pub(crate) struct SharedAccessList {
+    generation: AtomicU64,
+    list: RwLock<Arc<AccessList>>,
+}
+
+impl SharedAccessList {
+    pub(crate) fn new(list: AccessList) -> Self {
+        Self {
+            generation: AtomicU64::new(0),
+            list: RwLock::new(Arc::new(list)),
+        }
+    }
+
+    pub(crate) fn replace(&self, list: AccessList) {
+        if let Ok(mut current) = self.list.write() {
+            *current = Arc::new(list);
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn current(&self) -> Arc<AccessList> {
+        self.list
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+}
+
+/// A worker's view of the shared list, refreshed when the generation moves.
+#[derive(Debug)]
+pub(crate) struct AccessView {
+    generation: u64,
+    list: Arc<AccessList>,
+}
+
+impl AccessView {
+    pub(crate) fn new(shared: &SharedAccessList) -> Self {
+        Self {
+            generation: shared.generation(),
+            list: shared.current(),
+        }
+    }
+
+    /// Picks up a reload; true when the list changed since the last call.
+    pub(crate) fn refresh(&mut self, shared: &SharedAccessList) -> bool {
+        let generation = shared.generation();
+        if generation == self.generation {
+            return false;
+        }
+        self.generation = generation;
+        self.list = shared.current();
+        true
+    }
+
+    pub(crate) fn list(&self) -> &AccessList {
+        &self.list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0123456789abcdef0123456789ABCDEF01234567";
+
+    #[test]
+    fn parses_hex_lines_comments_and_blanks() {
+        let text = format!("# swarms we host\n\n{A}  # the demo\n{}\n", "f".repeat(40));
+        let list = AccessList::parse(AccessListMode::Allow, &text).expect("valid");
+        assert_eq!(list.len(), 2);
+        assert!(list.allows(&parse_hex(A).expect("hex")));
+        assert!(!list.allows(&InfoHash([0; 20])));
+        let deny = AccessList::parse(AccessListMode::Deny, &text).expect("valid");
+        assert!(!deny.allows(&parse_hex(A).expect("hex")));
+        assert!(deny.allows(&InfoHash([0; 20])));
+    }
+
+    #[test]
+    fn bad_lines_name_their_line_number() {
+        let text = format!("{A}\n{}\n", &A[..39]);
+        assert_eq!(
+            AccessList::parse(AccessListMode::Allow, &text).map(|l| l.len()),
+            Err((2, A[..39].to_owned()))
+        );
+        let text = format!("{}g\n", &A[..39]);
+        assert!(AccessList::parse(AccessListMode::Deny, &text).is_err());
+    }
+
+    #[test]
+    fn views_pick_up_replacements_once() {
+        let shared = SharedAccessList::new(AccessList::default());
+        let mut view = AccessView::new(&shared);
+        assert!(!view.refresh(&shared));
+        let list = AccessList::parse(AccessListMode::Deny, A).expect("valid");
+        shared.replace(list);
+        assert!(view.refresh(&shared));
+        assert!(!view.refresh(&shared));
+        assert_eq!(view.list().len(), 1);
+    }
+}

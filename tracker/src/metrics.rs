@@ -1,0 +1,487 @@
+//! Live counters the workers bump with relaxed atomics, rendered as Prometheus text for
+//! `/metrics` and as the numbers behind `/stats` and `/stats.json`.
+//!
+//! Each worker owns its own block of counters (one writer per counter), so bumping one is a
+//! plain load and store, not a locked read-modify-write; readers sum across workers.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use tidepool_protocol::InfoHash;
+use tidepool_protocol::tracker::ScrapeStats;
+
+/// Declares a kind enum with its Prometheus label values, in index order.
+macro_rules! kinds {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(crate) enum $name { $($variant),+ }
+        impl $name {
+            pub(crate) const LABELS: &'static [&'static str] = &[$($label),+];
+            pub(crate) const COUNT: usize = Self::LABELS.len();
+        }
+    };
+}
+
+kinds!(
+    /// Text frames received, by what they turned out to be.
+    InKind {
+        Announce => "announce",
+        Answer => "answer",
+        Scrape => "scrape",
+        Invalid => "invalid",
+        RateLimited => "rate_limited",
+    }
+);
+
+kinds!(
+    /// Text frames sent, by message type.
+    OutKind {
+        Announce => "announce",
+        Offer => "offer",
+        Answer => "answer",
+        Scrape => "scrape",
+        Error => "error",
+    }
+);
+
+kinds!(
+    /// Failure replies sent, by cause.
+    ErrorKind {
+        InvalidRequest => "invalid_request",
+        RateLimited => "rate_limited",
+        Overloaded => "overloaded",
+        SwarmLimit => "swarm_limit",
+        AccessDenied => "access_denied",
+        PeerIdInUse => "peer_id_in_use",
+    }
+);
+
+kinds!(
+    /// Why connections were closed.
+    CloseReason {
+        Peer => "peer",
+        Io => "io_error",
+        Protocol => "protocol",
+        SlowReader => "slow_reader",
+        HandshakeTimeout => "handshake_timeout",
+        HandshakeFailed => "handshake_failed",
+        Idle => "idle",
+        Binary => "binary",
+        TooLarge => "too_large",
+        PerIpLimit => "per_ip_limit",
+        Shutdown => "shutdown",
+    }
+);
+
+kinds!(
+    /// Connections refused before any per-connection state was allocated.
+    RefuseReason {
+        MaxConnections => "max_connections",
+        PerIp => "per_ip",
+    }
+);
+
+/// Adds to a counter that only one thread writes (no locked instruction needed).
+#[inline]
+pub(crate) fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+fn counters<const N: usize>() -> [AtomicU64; N] {
+    std::array::from_fn(|_| AtomicU64::new(0))
+}
+
+/// One socket worker's counters. Aligned so two workers' blocks never share a cache line.
+#[derive(Debug)]
+#[repr(align(128))]
+pub(crate) struct SocketMetrics {
+    pub(crate) connections: AtomicU64,
+    pub(crate) accepted: AtomicU64,
+    pub(crate) refused: [AtomicU64; RefuseReason::COUNT],
+    pub(crate) messages_in: [AtomicU64; InKind::COUNT],
+    pub(crate) messages_out: [AtomicU64; OutKind::COUNT],
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) errors: [AtomicU64; ErrorKind::COUNT],
+    pub(crate) closed: [AtomicU64; CloseReason::COUNT],
+    /// Replies waiting in this worker's inbox from the swarm workers.
+    pub(crate) inbox_depth: AtomicU64,
+    pub(crate) tls_handshakes: AtomicU64,
+    pub(crate) tls_handshake_failures: AtomicU64,
+}
+
+impl Default for SocketMetrics {
+    fn default() -> Self {
+        Self {
+            connections: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            refused: counters(),
+            messages_in: counters(),
+            messages_out: counters(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            errors: counters(),
+            closed: counters(),
+            inbox_depth: AtomicU64::new(0),
+            tls_handshakes: AtomicU64::new(0),
+            tls_handshake_failures: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One swarm worker's gauges, published every stats interval.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct SwarmMetrics {
+    pub(crate) swarms: AtomicU64,
+    pub(crate) seeders: AtomicU64,
+    pub(crate) leechers: AtomicU64,
+    /// Requests waiting in this worker's inbox from the socket workers.
+    pub(crate) inbox_depth: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) peers_purged: AtomicU64,
+    /// This shard's largest swarms, biggest first.
+    pub(crate) top: Mutex<Vec<(InfoHash, ScrapeStats)>>,
+}
+
+/// Messages per second over the last few seconds, sampled by the control thread.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Rates {
+    pub(crate) messages_in: f64,
+    pub(crate) messages_out: f64,
+    pub(crate) announces: f64,
+    pub(crate) offers: f64,
+}
+
+/// Every counter of one tracker.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    pub(crate) started: Instant,
+    pub(crate) sockets: Vec<SocketMetrics>,
+    pub(crate) swarms: Vec<SwarmMetrics>,
+    pub(crate) access_list_entries: AtomicU64,
+    pub(crate) access_list_reloads: AtomicU64,
+    pub(crate) access_list_reload_failures: AtomicU64,
+    pub(crate) tls_reloads: AtomicU64,
+    pub(crate) tls_reload_failures: AtomicU64,
+    pub(crate) rates: Mutex<Rates>,
+}
+
+/// A point-in-time sum over workers, for rates and the stats page.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub(crate) struct Totals {
+    pub(crate) connections: u64,
+    pub(crate) swarms: u64,
+    pub(crate) seeders: u64,
+    pub(crate) leechers: u64,
+    pub(crate) messages_in: u64,
+    pub(crate) messages_out: u64,
+    pub(crate) announces: u64,
+    pub(crate) offers: u64,
+}
+
+impl Metrics {
+    pub(crate) fn new(socket_workers: usize, swarm_workers: usize) -> Self {
+        Self {
+            started: Instant::now(),
+            sockets: (0..socket_workers)
+                .map(|_| SocketMetrics::default())
+                .collect(),
+            swarms: (0..swarm_workers)
+                .map(|_| SwarmMetrics::default())
+                .collect(),
+            access_list_entries: AtomicU64::new(0),
+            access_list_reloads: AtomicU64::new(0),
+            access_list_reload_failures: AtomicU64::new(0),
+            tls_reloads: AtomicU64::new(0),
+            tls_reload_failures: AtomicU64::new(0),
+            rates: Mutex::new(Rates::default()),
+        }
+    }
+
+    pub(crate) fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for s in &self.sockets {
+            t.connections += s.connections.load(Relaxed);
+            t.messages_in += s.messages_in.iter().map(|c| c.load(Relaxed)).sum::<u64>();
+            t.messages_out += s.messages_out.iter().map(|c| c.load(Relaxed)).sum::<u64>();
+            t.announces += s.messages_in[InKind::Announce as usize].load(Relaxed);
+            t.offers += s.messages_out[OutKind::Offer as usize].load(Relaxed);
+        }
+        for s in &self.swarms {
+            t.swarms += s.swarms.load(Relaxed);
+            t.seeders += s.seeders.load(Relaxed);
+            t.leechers += s.leechers.load(Relaxed);
+        }
+        t
+    }
+
+    /// The `n` largest swarms across shards, biggest first.
+    pub(crate) fn top_swarms(&self, n: usize) -> Vec<(InfoHash, ScrapeStats)> {
+        let mut all: Vec<(InfoHash, ScrapeStats)> = self
+            .swarms
+            .iter()
+            .flat_map(|s| s.top.lock().map(|t| t.clone()).unwrap_or_default())
+            .collect();
+        all.sort_by_key(|(h, s)| (std::cmp::Reverse(s.complete + s.incomplete), h.0));
+        all.truncate(n);
+        all
+    }
+
+    /// The Prometheus text exposition format, version 0.0.4.
+    pub(crate) fn render_prometheus(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let sockets = &self.sockets;
+        let per_worker = |out: &mut String,
+                          name: &str,
+                          help: &str,
+                          kind: &str,
+                          f: &dyn Fn(&SocketMetrics) -> u64| {
+            family(out, name, help, kind);
+            for (w, s) in sockets.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{worker=\"{w}\"}} {}", f(s));
+            }
+        };
+        per_worker(
+            &mut out,
+            "tidepool_connections",
+            "Open connections, by socket worker.",
+            "gauge",
+            &|s| s.connections.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_connections_accepted_total",
+            "Connections accepted.",
+            "counter",
+            &|s| s.accepted.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_message_bytes_in_total",
+            "Payload bytes of text frames received.",
+            "counter",
+            &|s| s.bytes_in.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_message_bytes_out_total",
+            "Payload bytes of text frames sent.",
+            "counter",
+            &|s| s.bytes_out.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_socket_inbox_depth",
+            "Replies queued from swarm workers to this socket worker.",
+            "gauge",
+            &|s| s.inbox_depth.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_tls_handshakes_total",
+            "TLS handshakes completed.",
+            "counter",
+            &|s| s.tls_handshakes.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_tls_handshake_failures_total",
+            "TLS handshakes that failed or were abandoned (counted, not logged per client).",
+            "counter",
+            &|s| s.tls_handshake_failures.load(Relaxed),
+        );
+
+        let labelled = |out: &mut String,
+                        name: &str,
+                        help: &str,
+                        label: &str,
+                        labels: &[&str],
+                        f: &dyn Fn(&SocketMetrics, usize) -> u64| {
+            family(out, name, help, "counter");
+            for (i, l) in labels.iter().enumerate() {
+                let sum: u64 = sockets.iter().map(|s| f(s, i)).sum();
+                let _ = writeln!(out, "{name}{{{label}=\"{l}\"}} {sum}");
+            }
+        };
+        labelled(
+            &mut out,
+            "tidepool_connections_refused_total",
+            "Connections refused at accept, by limit.",
+            "reason",
+            RefuseReason::LABELS,
+            &|s, i| s.refused[i].load(Relaxed),
+        );
+        labelled(
+            &mut out,
+            "tidepool_messages_in_total",
+            "Text frames received, by kind.",
+            "kind",
+            InKind::LABELS,
+            &|s, i| s.messages_in[i].load(Relaxed),
+        );
+        labelled(
+            &mut out,
+            "tidepool_messages_out_total",
+            "Text frames sent, by kind.",
+            "kind",
+            OutKind::LABELS,
+            &|s, i| s.messages_out[i].load(Relaxed),
+        );
+        labelled(
+            &mut out,
+            "tidepool_errors_total",
+            "Failure replies sent, by cause.",
+            "kind",
+            ErrorKind::LABELS,
+            &|s, i| s.errors[i].load(Relaxed),
+        );
+        labelled(
+            &mut out,
+            "tidepool_connections_closed_total",
+            "Connections closed, by reason.",
+            "reason",
+            CloseReason::LABELS,
+            &|s, i| s.closed[i].load(Relaxed),
+        );
+
+        let shards = &self.swarms;
+        let per_shard = |out: &mut String,
+                         name: &str,
+                         help: &str,
+                         kind: &str,
+                         f: &dyn Fn(&SwarmMetrics) -> u64| {
+            family(out, name, help, kind);
+            for (w, s) in shards.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{shard=\"{w}\"}} {}", f(s));
+            }
+        };
+        per_shard(
+            &mut out,
+            "tidepool_swarms",
+            "Swarms with at least one peer.",
+            "gauge",
+            &|s| s.swarms.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "tidepool_seeders",
+            "Peers that have the whole torrent.",
+            "gauge",
+            &|s| s.seeders.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "tidepool_leechers",
+            "Peers still downloading.",
+            "gauge",
+            &|s| s.leechers.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "tidepool_swarm_inbox_depth",
+            "Requests queued from socket workers to this swarm worker.",
+            "gauge",
+            &|s| s.inbox_depth.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "tidepool_swarm_requests_total",
+            "Requests handled by this swarm worker.",
+            "counter",
+            &|s| s.requests.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "tidepool_access_list_peers_purged_total",
+            "Peers removed because their swarm became denied.",
+            "counter",
+            &|s| s.peers_purged.load(Relaxed),
+        );
+
+        let single = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
+            family(out, name, help, kind);
+            let _ = writeln!(out, "{name} {v}");
+        };
+        single(
+            &mut out,
+            "tidepool_access_list_entries",
+            "Info hashes in the loaded access list.",
+            "gauge",
+            self.access_list_entries.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "tidepool_access_list_reloads_total",
+            "Access list loads that succeeded.",
+            "counter",
+            self.access_list_reloads.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "tidepool_access_list_reload_failures_total",
+            "Access list loads that failed (the previous list stays).",
+            "counter",
+            self.access_list_reload_failures.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "tidepool_tls_reloads_total",
+            "Certificate reloads that succeeded.",
+            "counter",
+            self.tls_reloads.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "tidepool_tls_reload_failures_total",
+            "Certificate reloads that failed (the previous certificate stays).",
+            "counter",
+            self.tls_reload_failures.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "tidepool_uptime_seconds",
+            "Seconds since the tracker started.",
+            "gauge",
+            self.started.elapsed().as_secs(),
+        );
+        out
+    }
+}
+
+fn family(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_sums_workers_and_labels_every_kind() {
+        let m = Metrics::new(2, 1);
+        bump(&m.sockets[0].messages_in[InKind::Announce as usize], 3);
+        bump(&m.sockets[1].messages_in[InKind::Announce as usize], 4);
+        bump(&m.sockets[1].connections, 5);
+        bump(&m.sockets[0].closed[CloseReason::SlowReader as usize], 1);
+        let text = m.render_prometheus();
+        assert!(
+            text.contains("tidepool_messages_in_total{kind=\"announce\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_connections{worker=\"1\"} 5\n"),
+            "{text}"
+        );
+        assert!(text.contains("tidepool_connections_closed_total{reason=\"slow_reader\"} 1\n"));
+        assert!(text.contains("tidepool_connections_closed_total{reason=\"idle\"} 0\n"));
+        // Every sample line belongs to a family declared just before it.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(text.contains(&format!("# TYPE {name} ")), "{line}");
+        }
+    }
+}
