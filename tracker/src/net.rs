@@ -234,6 +234,8 @@ impl Loop {
                 }
                 return Err(e);
             }
+            // After the wait, so frames that arrive after a reload meet the new list.
+            self.access.refresh(&self.w.shared.access);
             for slot in std::mem::take(&mut self.again) {
                 self.advance(slot);
             }
@@ -245,7 +247,6 @@ impl Loop {
                 }
             }
             self.deliver_from_swarms();
-            self.access.refresh(&self.w.shared.access);
             if Instant::now() >= next_sweep {
                 self.sweep();
                 next_sweep = Instant::now() + tick;
@@ -328,7 +329,10 @@ impl Loop {
                 slot: slot as u32,
                 serial: self.next_serial,
             };
-            bump(&self.w.shared.metrics.sockets[self.w.index as usize].accepted, 1);
+            bump(
+                &self.w.shared.metrics.sockets[self.w.index as usize].accepted,
+                1,
+            );
             let forwarded: Option<Forwarded> = via_proxy.then(Default::default);
             let callback = ForwardedHeaders(forwarded.clone());
             // Whatever the first read brings is handled by the first readiness event.
@@ -371,6 +375,7 @@ impl Loop {
             let State::Handshaking(mid) = std::mem::replace(&mut conn.state, State::Gone) else {
                 return;
             };
+            let tls_pending = mid.get_ref().get_ref().tls_handshaking();
             match mid.handshake() {
                 Ok(ws) => {
                     if matches!(ws.get_ref(), Stream::Tls(_)) {
@@ -389,6 +394,15 @@ impl Loop {
                     return;
                 }
                 Err(HandshakeError::Failure(e)) => {
+                    // An I/O error before TLS finished is a TLS failure (rustls reports bad
+                    // records as I/O errors); HTTP upgrade errors come as other kinds.
+                    if tls_pending && matches!(e, tungstenite::Error::Io(_)) {
+                        bump(
+                            &self.w.shared.metrics.sockets[self.w.index as usize]
+                                .tls_handshake_failures,
+                            1,
+                        );
+                    }
                     tracing::debug!(addr = %conn.addr, "handshake failed: {e}");
                     self.close(slot, CloseReason::HandshakeFailed);
                     return;

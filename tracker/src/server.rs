@@ -313,6 +313,7 @@ fn run_control(shared: &Shared, stop: &Receiver<()>) {
     let mut next_reload = Instant::now() + reload_every;
     // Samples over the last five seconds; rates are the slope across them.
     let mut samples: VecDeque<(Instant, Totals)> = VecDeque::new();
+    samples.push_back((Instant::now(), shared.metrics.totals()));
     loop {
         match stop.recv_timeout(tick) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -405,12 +406,14 @@ impl SwarmWorker {
                 .min(next_stats)
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(500));
+            let received = self.rx.recv_timeout(wait);
+            // After the wait, so requests that arrive after a reload meet the new list.
             if self.access.refresh(&shared.access) {
                 let list = self.access.list();
                 let purged = self.shard.retain_swarms(|h| list.allows(h));
                 bump(&m.peers_purged, purged as u64);
             }
-            match self.rx.recv_timeout(wait) {
+            match received {
                 Ok(first) => {
                     let now = Instant::now();
                     m.inbox_depth.store(self.rx.len() as u64, Ordering::Relaxed);

@@ -1,6 +1,7 @@
 //! The metrics HTTP endpoint: `/metrics` (Prometheus text), `/stats` (a page for people) and
 //! `/stats.json`, on their own address so the public port never serves them.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -103,8 +104,8 @@ pub(crate) struct Snapshot {
     offers_per_sec: f64,
     messages_in: u64,
     messages_out: u64,
-    closed: Vec<(&'static str, u64)>,
-    errors: Vec<(&'static str, u64)>,
+    closed: BTreeMap<&'static str, u64>,
+    errors: BTreeMap<&'static str, u64>,
     top_swarms: Vec<TopSwarm>,
 }
 

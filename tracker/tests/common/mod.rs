@@ -142,3 +142,71 @@ pub fn offers(n: usize, tag: &str) -> Value {
             .collect(),
     )
 }
+
+/// GETs `path` from the metrics address with a real HTTP client; (status, content type, body).
+pub fn http_get(tracker: &Tracker, path: &str) -> (u16, String, String) {
+    http_get_at(tracker.metrics_addr().expect("metrics enabled"), path)
+}
+
+/// GETs `path` from `addr`; (status, content type, body).
+pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(WAIT))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(&format!("http://{addr}{path}"))
+        .call()
+        .expect("HTTP request");
+    let kind = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = resp.body_mut().read_to_string().expect("body");
+    (resp.status().as_u16(), kind, body)
+}
+
+/// One sample from Prometheus text: `series` is the name with its labels, as printed.
+pub fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+        .parse()
+        .expect("integer sample")
+}
+
+/// Scrapes `/metrics` until `series` reaches `want` (gauges lag by one stats interval).
+pub async fn wait_for_sample(tracker: &Tracker, series: &str, want: u64) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, text) = http_get(tracker, "/metrics");
+        if sample(&text, series) == want {
+            return text;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{series} never reached {want}:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A config with the metrics endpoint on an ephemeral port and fast stats refreshes.
+pub fn config_with_metrics() -> Config {
+    let mut c = config(1, 1);
+    c.metrics.listen = Some("127.0.0.1:0".parse().expect("valid address"));
+    c.metrics.stats_interval_ms = 100;
+    c
+}
+
+/// A temporary directory unique to this test process and call.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tidepool-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}

@@ -1,0 +1,252 @@
+//! The tracker binary under operations: SIGUSR1 reloads the access list and SIGHUP the
+//! certificate without dropping live connections; failed TLS handshakes are counted; SIGTERM
+//! stops it cleanly.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio_tungstenite::{Connector, MaybeTlsStream};
+
+fn hex(id: &str) -> String {
+    id.chars().map(|c| format!("{:02x}", c as u32)).collect()
+}
+
+/// A fresh self-signed certificate for localhost: (cert PEM, key PEM, cert DER).
+fn new_cert() -> (String, String, Vec<u8>) {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
+    (
+        c.cert.pem(),
+        c.signing_key.serialize_pem(),
+        c.cert.der().to_vec(),
+    )
+}
+
+/// The running binary, killed on drop if a test fails half way.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(p: &Proc, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &p.0.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+/// Starts the binary and reads its log until it names both addresses.
+fn spawn(config: &std::path::Path) -> (Proc, SocketAddr, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidepool-tracker"))
+        .arg("--config")
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("binary starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            eprintln!("tracker: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let proc = Proc(child);
+    let (mut ws, mut metrics) = (None, None);
+    while ws.is_none() || metrics.is_none() {
+        let line = rx.recv_timeout(WAIT).expect("startup log lines");
+        let addr_after = |marker: &str| -> Option<SocketAddr> {
+            let rest = &line[line.find(marker)? + marker.len()..];
+            rest.split([' ', '/'])
+                .next()?
+                .parse()
+                .ok()
+        };
+        ws = ws.or(addr_after("wss://"));
+        metrics = metrics.or(addr_after("metrics on http://"));
+    }
+    (proc, ws.expect("ws"), metrics.expect("metrics"))
+}
+
+/// Connects over wss trusting `roots`; returns the client and the certificate it was shown.
+async fn wss(port: u16, roots: &[&[u8]]) -> (Client, Vec<u8>) {
+    let mut store = rustls::RootCertStore::empty();
+    for der in roots {
+        store.add(der.to_vec().into()).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let (ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async_tls_with_config(
+            format!("wss://localhost:{port}"),
+            None,
+            false,
+            Some(Connector::Rustls(Arc::new(config))),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("wss handshake");
+    let shown = match ws.get_ref() {
+        MaybeTlsStream::Rustls(tls) => tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .expect("a certificate"),
+        _ => panic!("not TLS"),
+    };
+    (Client { ws }, shown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reloads_access_list_and_sighup_reloads_certificate_without_dropping_clients() {
+    let dir = temp_dir("signals");
+    let (cert1, key1, der1) = new_cert();
+    let (cert2, key2, der2) = new_cert();
+    std::fs::write(dir.join("cert.pem"), &cert1).expect("write");
+    std::fs::write(dir.join("key.pem"), &key1).expect("write");
+    let (a, b) = (num_id(b'h', 1), num_id(b'h', 2));
+    std::fs::write(dir.join("allow.txt"), hex(&a)).expect("write");
+    let toml = format!(
+        "[network]\nlisten = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\n\
+         [access_list]\nmode = \"allow\"\npath = {:?}\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\nstats_interval_ms = 100\n",
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("allow.txt"),
+    );
+    std::fs::write(dir.join("tracker.toml"), toml).expect("write");
+    let (proc, addr, metrics) = spawn(&dir.join("tracker.toml"));
+
+    let (mut old, shown) = wss(addr.port(), &[&der1, &der2]).await;
+    assert_eq!(shown, der1);
+    assert_eq!(
+        old.announce(&a, &num_id(b'p', 1), json!({})).await["incomplete"],
+        json!(1)
+    );
+    assert!(old.announce(&b, &num_id(b'p', 1), json!({})).await["failure reason"].is_string());
+
+    // SIGUSR1: b becomes allowed on the same, still-open connection.
+    std::fs::write(dir.join("allow.txt"), format!("{}\n{}\n", hex(&a), hex(&b))).expect("write");
+    signal(&proc, "-USR1");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while old.announce(&b, &num_id(b'p', 1), json!({})).await["incomplete"] != json!(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGUSR1 reload never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // SIGHUP: new handshakes see the new certificate; the old connection keeps working.
+    std::fs::write(dir.join("cert.pem"), &cert2).expect("write");
+    std::fs::write(dir.join("key.pem"), &key2).expect("write");
+    signal(&proc, "-HUP");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, shown) = wss(addr.port(), &[&der1, &der2]).await;
+        if shown == der2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP reload never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        old.announce(&a, &num_id(b'p', 1), json!({})).await["incomplete"],
+        json!(1)
+    );
+
+    // A broken certificate file is refused and the current one stays in use.
+    std::fs::write(dir.join("cert.pem"), "garbage").expect("write");
+    signal(&proc, "-HUP");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, text) = http_get_at(metrics, "/metrics");
+        if sample(&text, "tidepool_tls_reload_failures_total") == 1 {
+            assert_eq!(sample(&text, "tidepool_tls_reloads_total"), 1);
+            assert_eq!(sample(&text, "tidepool_access_list_reloads_total"), 2);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "failed reload not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, shown) = wss(addr.port(), &[&der1, &der2]).await;
+    assert_eq!(shown, der2);
+
+    // Plain-text and garbage clients on the TLS port: counted, and nobody else notices.
+    let before = sample(
+        &http_get_at(metrics, "/metrics").2,
+        "tidepool_tls_handshake_failures_total{worker=\"0\"}",
+    );
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"\x16\x03\x01\x00\x05hello",
+    ] {
+        for _ in 0..3 {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            let _ = s.write_all(garbage);
+            let _ = s.set_read_timeout(Some(WAIT));
+            let _ = std::io::Read::read(&mut s, &mut [0u8; 512]);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, text) = http_get_at(metrics, "/metrics");
+        let failures = sample(&text, "tidepool_tls_handshake_failures_total{worker=\"0\"}");
+        if failures == before + 6 {
+            assert!(sample(&text, "tidepool_tls_handshakes_total{worker=\"0\"}") >= 3);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{failures} failures counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        old.announce(&a, &num_id(b'p', 1), json!({})).await["incomplete"],
+        json!(1)
+    );
+
+    // SIGTERM: a close frame for the client and a clean exit.
+    signal(&proc, "-TERM");
+    assert_eq!(old.closed().await, Some(1001));
+    let mut proc = proc;
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = proc.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
