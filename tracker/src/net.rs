@@ -488,9 +488,17 @@ impl Loop {
                     return Err(CloseReason::Io);
                 }
                 Err(e) => {
-                    // Framing, masking, UTF-8 or close-code violations. tungstenite has
-                    // queued the right close frame (1002 / 1007); send it before dropping.
+                    // Framing, masking, UTF-8 or close-code violations: tell the client why
+                    // (RFC 6455 §7.4.1: 1007 for bad UTF-8, 1002 otherwise), then drop.
                     tracing::debug!("protocol violation: {e}");
+                    let (code, reason) = match e {
+                        tungstenite::Error::Utf8(_) => (CloseCode::Invalid, "invalid UTF-8"),
+                        _ => (CloseCode::Protocol, "WebSocket protocol violation"),
+                    };
+                    let _ = ws.close(Some(CloseFrame {
+                        code,
+                        reason: reason.into(),
+                    }));
                     let _ = ws.flush();
                     return Err(CloseReason::Protocol);
                 }

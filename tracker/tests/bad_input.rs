@@ -312,3 +312,115 @@ async fn frames_over_the_rate_limit_get_failures_and_the_bucket_refills() {
     assert!(flooder.scrape(json!(h)).await["files"].is_object());
     tracker.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_offers_are_refused_and_numwant_caps_the_fan_out() {
+    let mut cfg = config(1, 1);
+    cfg.protocol.max_offers = 3;
+    let tracker = start(cfg);
+    let url = tracker.url();
+    let h = num_id(b'h', 1);
+    let mut others = Vec::new();
+    for i in 0..5 {
+        let mut c = Client::connect(&url).await;
+        c.announce(&h, &num_id(b'o', i), json!({})).await;
+        others.push(c);
+    }
+    let mut c = Client::connect(&url).await;
+    let r = c
+        .announce(&h, &num_id(b'p', 0), json!({"offers": offers(4, "x")}))
+        .await;
+    assert!(
+        r["failure reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("offers")),
+        "{r}"
+    );
+    // numwant 2 with 3 offers: exactly two peers get one offer each.
+    let r = c
+        .announce(
+            &h,
+            &num_id(b'p', 0),
+            json!({"numwant": 2, "offers": offers(3, "y")}),
+        )
+        .await;
+    assert_eq!(r["incomplete"], json!(6));
+    let mut delivered = 0;
+    for o in &mut others {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        if let Ok(Some(Ok(Message::Text(_)))) =
+            tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut o.ws)).await
+        {
+            delivered += 1;
+        }
+    }
+    assert_eq!(delivered, 2);
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragments_summing_past_the_message_limit_are_closed_with_1009() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let tracker = start(config(1, 1));
+    let mut c = Client::connect(&tracker.url()).await;
+    // Each fragment is under the 64 KiB frame limit; together they are over the message limit.
+    let part = vec![b'x'; 40 * 1024];
+    let first = Frame::message(part.clone(), OpCode::Data(Data::Text), false);
+    let _ = c.ws.send(Message::Frame(first)).await;
+    let rest = Frame::message(part, OpCode::Data(Data::Continue), true);
+    let _ = c.ws.send(Message::Frame(rest)).await;
+    let code = c.closed().await;
+    assert!(matches!(code, Some(1009) | None), "{code:?}");
+    still_served(&tracker.url()).await;
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permessage_deflate_is_not_negotiated_and_compressed_frames_are_refused() {
+    let tracker = start(config(1, 1));
+    let mut s = tokio::net::TcpStream::connect(tracker.local_addr())
+        .await
+        .expect("connect");
+    let req = "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+               Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+               Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n";
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let mut head = String::new();
+    while !head.contains("\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert!(n > 0, "closed during handshake");
+        head.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("sec-websocket-extensions"),
+        "no extension may be accepted: {head}"
+    );
+    // A masked text frame with RSV1 set (as if compressed): a protocol error, close 1002.
+    let payload = b"{}";
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x80 | 0x40 | 0x1, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame).await.expect("write");
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("not closed in time"),
+        }
+    }
+    // Close frame: opcode 0x8, then the code 1002 big-endian.
+    assert!(got.len() >= 4 && got[0] == 0x88, "{got:?}");
+    assert_eq!(u16::from_be_bytes([got[2], got[3]]), 1002);
+    still_served(&tracker.url()).await;
+    tracker.shutdown();
+}

@@ -71,10 +71,7 @@ fn spawn(config: &std::path::Path) -> (Proc, SocketAddr, SocketAddr) {
         let line = rx.recv_timeout(WAIT).expect("startup log lines");
         let addr_after = |marker: &str| -> Option<SocketAddr> {
             let rest = &line[line.find(marker)? + marker.len()..];
-            rest.split([' ', '/'])
-                .next()?
-                .parse()
-                .ok()
+            rest.split([' ', '/']).next()?.parse().ok()
         };
         ws = ws.or(addr_after("wss://"));
         metrics = metrics.or(addr_after("metrics on http://"));
