@@ -194,6 +194,8 @@ pub struct NodeStats {
     pub offers_sent: u64,
     /// Answers sent.
     pub answers_sent: u64,
+    /// Times two connections to one peer met and the tie-break kept one.
+    pub glare_resolved: u64,
     /// UDP datagrams the kernel dropped for full receive buffers since this node started
     /// (host-wide counter; `None` where `/proc/net/snmp` is unreadable).
     pub udp_rcvbuf_errors: Option<u64>,

@@ -63,6 +63,7 @@ pub(crate) struct Inner {
     announces: AtomicU64,
     offers_sent: AtomicU64,
     answers_sent: AtomicU64,
+    glare_resolved: AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -133,6 +134,7 @@ impl Node {
             announces: AtomicU64::new(0),
             offers_sent: AtomicU64::new(0),
             answers_sent: AtomicU64::new(0),
+            glare_resolved: AtomicU64::new(0),
             config,
         });
         let (out_tx, out_rx) = mpsc::unbounded_channel();
@@ -162,6 +164,7 @@ impl Node {
             first_announce: true,
             last_ping: Instant::now(),
             answering: Default::default(),
+            unconfirmed: Default::default(),
         };
         tokio::spawn(core.run(core_rx));
         Ok(Node {
@@ -327,6 +330,7 @@ impl Node {
             announces: i.announces.load(Relaxed),
             offers_sent: i.offers_sent.load(Relaxed),
             answers_sent: i.answers_sent.load(Relaxed),
+            glare_resolved: i.glare_resolved.load(Relaxed),
             udp_rcvbuf_errors: match (kernel_udp_rcvbuf_errors(), i.drops_at_start) {
                 (Some(now), Some(then)) => Some(now.saturating_sub(then)),
                 _ => None,
@@ -367,6 +371,8 @@ struct Core {
     last_ping: Instant,
     /// Peers whose offers we are answering (slots reserved until the link exists).
     answering: std::collections::HashSet<PeerId>,
+    /// Offer ids of each announce awaiting its response, oldest first.
+    unconfirmed: std::collections::VecDeque<Vec<OfferId>>,
 }
 
 impl Core {
@@ -423,6 +429,7 @@ impl Core {
                 self.inner.tracker_up.store(true, Relaxed);
                 self.first_announce = true;
                 self.announce_in_flight = false;
+                self.unconfirmed.clear();
                 self.next_announce = Instant::now();
                 self.emit(Event::Tracker(TrackerState::Connected));
             }
@@ -433,8 +440,23 @@ impl Core {
                 }
                 self.emit(Event::Tracker(TrackerState::Disconnected(reason)));
             }
-            TrackerIn::AnnounceResponse { interval } => {
+            TrackerIn::AnnounceResponse { interval, peers } => {
                 self.tracker_interval = Duration::from_secs(interval.clamp(5, 3600));
+                // The tracker forwards offers, in order, to at most (swarm size - 1) peers;
+                // the rest reached nobody and would only hold slots until they expire.
+                if let Some(offers) = self.unconfirmed.pop_front() {
+                    let delivered = (peers.saturating_sub(1) as usize).min(offers.len());
+                    let undelivered: Vec<u64> = {
+                        let t = self.inner.table();
+                        offers[delivered..]
+                            .iter()
+                            .filter_map(|o| t.pending.get(o).map(|l| l.id))
+                            .collect()
+                    };
+                    for id in undelivered {
+                        self.close_link(id, DisconnectReason::ConnectTimeout);
+                    }
+                }
             }
             TrackerIn::Failure(reason) => {
                 tracing::warn!("tracker refused: {reason}");
@@ -454,7 +476,8 @@ impl Core {
     }
 
     /// Glare rule, applied identically on both sides: when two connections to the same peer
-    /// exist, the one initiated by the smaller peer id survives.
+    /// exist, the one initiated by the smaller peer id survives. A second offer from the
+    /// initiator of the existing connection is a duplicate, not glare, and never wins.
     fn wins_over_existing(&self, initiator: &PeerId, existing: &Link) -> bool {
         let me = self.inner.config.peer_id;
         let existing_initiator = if existing.initiated_by_us {
@@ -462,6 +485,10 @@ impl Core {
         } else {
             existing.peer.get().copied().unwrap_or(me)
         };
+        if *initiator == existing_initiator {
+            return false;
+        }
+        self.inner.glare_resolved.fetch_add(1, Relaxed);
         initiator.0 < existing_initiator.0
     }
 
@@ -527,7 +554,18 @@ impl Core {
         };
         let existing = self.inner.table().by_peer.get(&from).cloned();
         let me = self.inner.config.peer_id;
-        let over_limit = self.slots_used() >= self.inner.config.max_peers;
+        // Glare with an answer still being prepared for this peer's own offer: same rule.
+        // If ours wins, the answering connection is dropped when it is accepted.
+        let answering = self.answering.contains(&from);
+        if answering && existing.is_none() {
+            self.inner.glare_resolved.fetch_add(1, Relaxed);
+            if from.0 < me.0 {
+                close_pc(&link);
+                return;
+            }
+        }
+        let used = self.slots_used() - usize::from(answering);
+        let over_limit = used >= self.inner.config.max_peers;
         match existing {
             Some(existing) if !self.wins_over_existing(&me, &existing) => {
                 close_pc(&link);
@@ -723,6 +761,8 @@ impl Core {
             return;
         }
         self.first_announce = false;
+        self.unconfirmed
+            .push_back(offers.iter().map(|(id, _, _)| *id).collect());
         self.inner.announces.fetch_add(1, Relaxed);
         self.inner
             .offers_sent

@@ -17,8 +17,8 @@ pub(crate) enum TrackerIn {
     Up,
     /// The connection failed or dropped; a reconnect follows after the backoff.
     Down(String),
-    /// The reply to an announce.
-    AnnounceResponse { interval: u64 },
+    /// The reply to an announce; `peers` counts the swarm, us included.
+    AnnounceResponse { interval: u64, peers: u64 },
     /// Another peer's offer.
     Offer {
         from: PeerId,
@@ -140,6 +140,7 @@ fn to_owned_message(
     match m {
         Ok(ServerMessage::Announce(r)) => Some(TrackerIn::AnnounceResponse {
             interval: r.interval,
+            peers: r.complete + r.incomplete,
         }),
         Ok(ServerMessage::Offer(o)) => Some(TrackerIn::Offer {
             from: o.peer_id,

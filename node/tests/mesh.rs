@@ -76,8 +76,15 @@ async fn two_nodes_exchange_messages_on_both_channels_with_receipts() {
     let peers = a.peers().await;
     assert_eq!(peers.len(), 1);
     assert_eq!(peers[0].chunks.messages_out, 1, "one message on chunks");
-    assert_eq!(peers[0].chunks.bytes_out, big.len() as u64 + 10, "payload + header");
-    assert!(peers[0].control.messages_out >= 1, "the hello, plus heartbeats");
+    assert_eq!(
+        peers[0].chunks.bytes_out,
+        big.len() as u64 + 10,
+        "payload + header"
+    );
+    assert!(
+        peers[0].control.messages_out >= 1,
+        "the hello, plus heartbeats"
+    );
     let b_peers = b.peers().await;
     assert_eq!(b_peers[0].chunks.messages_in, 1);
     assert_eq!(b_peers[0].chunks.bytes_in, big.len() as u64 + 10);
@@ -89,7 +96,10 @@ async fn two_nodes_exchange_messages_on_both_channels_with_receipts() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
     let granted = stats.udp_buffer_granted.expect("sockets were wrapped");
-    assert!(granted >= (4u64 << 20).min(rmem_max), "UDP buffer {granted}");
+    assert!(
+        granted >= (4u64 << 20).min(rmem_max),
+        "UDP buffer {granted}"
+    );
 
     // A byte stream over the chunks channel, piped end to end.
     let mut wa = a.open_stream(b_id, Channel::Chunks).expect("stream");
