@@ -39,6 +39,10 @@ pub struct NodeConfig {
     pub connect_timeout: Duration,
     /// Announce again this soon when below `max_peers` (otherwise at the tracker's interval).
     pub min_announce_interval: Duration,
+    /// A node full and unchanged this long may drop its newest connection, once per this
+    /// interval, to accept an offer from a peer holding at most half of `max_peers`
+    /// connections. Heals pools that settled into full cliques unreachable from each other.
+    pub rotate_after: Duration,
     /// Ping on the `control` channel this often.
     pub heartbeat_interval: Duration,
     /// A peer silent (no frame on any channel) this long is disconnected.
@@ -80,6 +84,7 @@ impl NodeConfig {
             ice_gathering_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(20),
             min_announce_interval: Duration::from_secs(10),
+            rotate_after: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
             loopback_only: false,
@@ -97,9 +102,10 @@ impl NodeConfig {
     /// Short timeouts and loopback only, for tests and demos on one machine.
     pub fn for_loopback(mut self) -> Self {
         self.loopback_only = true;
-        self.offer_timeout = Duration::from_secs(10);
-        self.connect_timeout = Duration::from_secs(10);
+        self.offer_timeout = Duration::from_secs(4);
+        self.connect_timeout = Duration::from_secs(3);
         self.min_announce_interval = Duration::from_millis(500);
+        self.rotate_after = Duration::from_secs(1);
         self.heartbeat_interval = Duration::from_millis(250);
         self.heartbeat_timeout = Duration::from_secs(2);
         self.reconnect_min = Duration::from_millis(100);

@@ -78,6 +78,8 @@ pub enum DisconnectReason {
     ConnectTimeout,
     /// A second connection to the same peer won the tie-break.
     Replaced,
+    /// Dropped, while full, to make room for a peer with few connections.
+    Rotated,
     /// The connection failed, closed, or the peer broke the framing.
     Connection(String),
 }
@@ -196,6 +198,8 @@ pub struct NodeStats {
     pub answers_sent: u64,
     /// Times two connections to one peer met and the tie-break kept one.
     pub glare_resolved: u64,
+    /// Connections dropped to make room for a starved peer (partition healing).
+    pub rotations: u64,
     /// UDP datagrams the kernel dropped for full receive buffers since this node started
     /// (host-wide counter; `None` where `/proc/net/snmp` is unreadable).
     pub udp_rcvbuf_errors: Option<u64>,

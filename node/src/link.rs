@@ -73,6 +73,17 @@ impl Link {
         &self.counters[channel as usize]
     }
 
+    /// Sends a small control frame if there is room now; a full buffer drops it (heartbeats
+    /// are periodic, and a busy channel already proves the peer alive).
+    pub(crate) async fn try_send_control(&self, frame: bytes::BytesMut) {
+        let len = frame.len() as u64;
+        if self.control.try_send(frame).await.is_ok() {
+            let c = self.counters(Channel::Control);
+            c.messages_out.fetch_add(1, Relaxed);
+            c.bytes_out.fetch_add(len, Relaxed);
+        }
+    }
+
     /// Sends one already-framed message, waiting for buffer space (back-pressure).
     pub(crate) async fn send_frame(
         &self,
@@ -309,9 +320,7 @@ async fn on_message(
                 .send(Event::Receipt { peer, id, kind })
                 .await;
         }
-        Frame::Ping(nonce) => {
-            let _ = link.control.try_send(wire::heartbeat(true, nonce)).await;
-        }
+        Frame::Ping(nonce) => link.try_send_control(wire::heartbeat(true, nonce)).await,
         Frame::Pong(sent_us) => {
             let rtt = inner.now_us().saturating_sub(sent_us);
             link.rtt_us.store(rtt.max(1), Relaxed);

@@ -42,6 +42,9 @@ enum Command {
         /// STUN/TURN server URL (repeatable).
         #[arg(long = "ice-server")]
         ice_servers: Vec<String>,
+        /// Seconds full and unchanged before making room for a starved peer.
+        #[arg(long)]
+        rotate_after_secs: Option<u64>,
     },
 }
 
@@ -53,7 +56,10 @@ fn short(p: &PeerId) -> String {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // The WebRTC stack warns about benign ICE and SCTP events during setup.
+                "warn,rtc=error,rtc_ice=error,rtc_dtls=error,rtc_sctp=error,webrtc=error".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -64,12 +70,16 @@ async fn main() -> anyhow::Result<()> {
         max_peers,
         stats_every,
         ice_servers,
+        rotate_after_secs,
     } = Cli::parse().command;
     let mut config = NodeConfig::new(tracker, &pool);
     if loopback {
         config = config.for_loopback();
     }
     config.max_peers = max_peers;
+    if let Some(secs) = rotate_after_secs {
+        config.rotate_after = Duration::from_secs(secs);
+    }
     config.ice_servers = ice_servers
         .into_iter()
         .map(|url| tidepool_node::IceServer {

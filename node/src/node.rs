@@ -64,6 +64,7 @@ pub(crate) struct Inner {
     offers_sent: AtomicU64,
     answers_sent: AtomicU64,
     glare_resolved: AtomicU64,
+    rotations: AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -135,6 +136,7 @@ impl Node {
             offers_sent: AtomicU64::new(0),
             answers_sent: AtomicU64::new(0),
             glare_resolved: AtomicU64::new(0),
+            rotations: AtomicU64::new(0),
             config,
         });
         let (out_tx, out_rx) = mpsc::unbounded_channel();
@@ -165,6 +167,10 @@ impl Node {
             last_ping: Instant::now(),
             answering: Default::default(),
             unconfirmed: Default::default(),
+            swarm_size: None,
+            in_swarm: false,
+            full_since: None,
+            last_rotation: None,
         };
         tokio::spawn(core.run(core_rx));
         Ok(Node {
@@ -331,6 +337,7 @@ impl Node {
             offers_sent: i.offers_sent.load(Relaxed),
             answers_sent: i.answers_sent.load(Relaxed),
             glare_resolved: i.glare_resolved.load(Relaxed),
+            rotations: i.rotations.load(Relaxed),
             udp_rcvbuf_errors: match (kernel_udp_rcvbuf_errors(), i.drops_at_start) {
                 (Some(now), Some(then)) => Some(now.saturating_sub(then)),
                 _ => None,
@@ -373,6 +380,13 @@ struct Core {
     answering: std::collections::HashSet<PeerId>,
     /// Offer ids of each announce awaiting its response, oldest first.
     unconfirmed: std::collections::VecDeque<Vec<OfferId>>,
+    /// Swarm size from the last announce response (us included), if known.
+    swarm_size: Option<usize>,
+    /// Whether the tracker counts us in the swarm (we leave it while full).
+    in_swarm: bool,
+    /// Since when every slot has been taken (reset by any change).
+    full_since: Option<Instant>,
+    last_rotation: Option<Instant>,
 }
 
 impl Core {
@@ -430,6 +444,8 @@ impl Core {
                 self.first_announce = true;
                 self.announce_in_flight = false;
                 self.unconfirmed.clear();
+                self.swarm_size = None;
+                self.in_swarm = false;
                 self.next_announce = Instant::now();
                 self.emit(Event::Tracker(TrackerState::Connected));
             }
@@ -442,6 +458,7 @@ impl Core {
             }
             TrackerIn::AnnounceResponse { interval, peers } => {
                 self.tracker_interval = Duration::from_secs(interval.clamp(5, 3600));
+                self.swarm_size = Some(peers as usize);
                 // The tracker forwards offers, in order, to at most (swarm size - 1) peers;
                 // the rest reached nobody and would only hold slots until they expire.
                 if let Some(offers) = self.unconfirmed.pop_front() {
@@ -456,6 +473,26 @@ impl Core {
                     for id in undelivered {
                         self.close_link(id, DisconnectReason::ConnectTimeout);
                     }
+                }
+                // Connected to everyone: newcomers will offer to us, so the next announce can
+                // wait for the tracker's interval. Everyone else holds an offer of ours: wait
+                // for those to be answered or expire (an expiry brings the announce forward).
+                let others = (peers as usize).saturating_sub(1);
+                let connected = self.slots_used();
+                let pending = self.inner.table().pending.len();
+                let now = Instant::now();
+                if others <= connected {
+                    // A starved node keeps looking: full peers rejoin the swarm once settled
+                    // and make room for it, but never offer to it themselves.
+                    let starved = connected <= self.inner.config.max_peers / 2;
+                    let wait = if starved {
+                        (self.inner.config.min_announce_interval * 4).min(self.tracker_interval)
+                    } else {
+                        self.tracker_interval
+                    };
+                    self.next_announce = now + wait;
+                } else if others <= connected + pending {
+                    self.next_announce = now + self.inner.config.offer_timeout;
                 }
             }
             TrackerIn::Failure(reason) => {
@@ -479,6 +516,11 @@ impl Core {
     /// exist, the one initiated by the smaller peer id survives. A second offer from the
     /// initiator of the existing connection is a duplicate, not glare, and never wins.
     fn wins_over_existing(&self, initiator: &PeerId, existing: &Link) -> bool {
+        // A working connection is never torn down for a new one: later offers from a
+        // connected peer are its re-announces reaching us at random, not glare.
+        if existing.established.load(Relaxed) {
+            return false;
+        }
         let me = self.inner.config.peer_id;
         let existing_initiator = if existing.initiated_by_us {
             me
@@ -501,7 +543,11 @@ impl Core {
         match existing {
             Some(existing) if !self.wins_over_existing(&from, &existing) => return,
             Some(_) => {}
-            None if self.slots_used() >= self.inner.config.max_peers => return,
+            None if self.slots_used() >= self.inner.config.max_peers
+                && !self.make_room_for(offer_degree(&sdp)) =>
+            {
+                return;
+            }
             None => {}
         }
         self.answering.insert(from);
@@ -546,6 +592,38 @@ impl Core {
         }
         self.inner.table().by_peer.insert(from, link.clone());
         link::spawn_pumps(&self.inner, &link);
+    }
+
+    /// A full node makes room for a starved offerer (at most half of `max_peers`
+    /// connections) by dropping its newest connection — but only after being full and
+    /// unchanged for `rotate_after`, and once per `rotate_after`. Without this, a pool can
+    /// settle into full cliques that never reach each other.
+    fn make_room_for(&mut self, offerer_degree: Option<usize>) -> bool {
+        let c = &self.inner.config;
+        let starved = offerer_degree.is_some_and(|d| d <= c.max_peers / 2);
+        let now = Instant::now();
+        let settled = self
+            .full_since
+            .is_some_and(|t| now.duration_since(t) >= c.rotate_after);
+        let rested = self
+            .last_rotation
+            .is_none_or(|t| now.duration_since(t) >= c.rotate_after);
+        if !(starved && settled && rested && self.answering.is_empty()) {
+            return false;
+        }
+        let newest = self
+            .inner
+            .table()
+            .by_peer
+            .values()
+            .filter(|l| l.established.load(Relaxed))
+            .max_by_key(|l| l.established_at.get().copied())
+            .map(|l| l.id);
+        let Some(id) = newest else { return false };
+        self.last_rotation = Some(now);
+        self.inner.rotations.fetch_add(1, Relaxed);
+        self.close_link(id, DisconnectReason::Rotated);
+        true
     }
 
     fn on_answer(&mut self, from: PeerId, offer_id: OfferId, sdp: String) {
@@ -696,10 +774,11 @@ impl Core {
             for l in ping {
                 tokio::spawn(async move {
                     // try_send: a full control channel means the peer is alive but busy.
-                    let _ = l.control.try_send(wire::heartbeat(false, nonce)).await;
+                    l.try_send_control(wire::heartbeat(false, nonce)).await;
                 });
             }
         }
+        self.follow_capacity();
         if self.inner.tracker_up.load(Relaxed)
             && !self.announce_in_flight
             && now >= self.next_announce
@@ -712,8 +791,16 @@ impl Core {
     fn start_announce(&mut self) {
         let c = &self.inner.config;
         let pending = self.inner.table().pending.len();
-        let free = c.max_peers.saturating_sub(self.slots_used() + pending);
-        let want = free.min(c.offers_per_announce);
+        let used = self.slots_used();
+        // One offer per free slot: full peers leave the swarm (`follow_capacity`), so offers
+        // reach peers that can answer. Offers beyond the peers we are not connected to would
+        // only reach connected peers, who ignore them.
+        let free = c.max_peers.saturating_sub(used + pending);
+        let budget = c.offers_per_announce;
+        let strangers = self
+            .swarm_size
+            .map_or(usize::MAX, |n| n.saturating_sub(1 + used + pending));
+        let want = free.min(budget).min(strangers);
         self.announce_in_flight = true;
         let inner = self.inner.clone();
         tokio::spawn(async move {
@@ -761,6 +848,7 @@ impl Core {
             return;
         }
         self.first_announce = false;
+        self.in_swarm = true;
         self.unconfirmed
             .push_back(offers.iter().map(|(id, _, _)| *id).collect());
         self.inner.announces.fetch_add(1, Relaxed);
@@ -782,7 +870,9 @@ impl Core {
         self.next_announce = Instant::now() + wait;
     }
 
-    async fn leave(&mut self) {
+    /// An announce with `event: stopped`: the tracker forgets us (and stops sending us
+    /// offers); peer connections are unaffected.
+    fn stopped_frame(&self) -> Vec<u8> {
         let c = &self.inner.config;
         let mut frame = Vec::new();
         AnnounceRequest {
@@ -797,7 +887,40 @@ impl Core {
             answer: None,
         }
         .encode(&mut frame);
-        let _ = self.out.send(frame);
+        frame
+    }
+
+    /// A full node leaves the tracker's swarm so other peers' offers go to nodes that can
+    /// answer them, and rejoins (with offers) as soon as a slot frees up.
+    fn follow_capacity(&mut self) {
+        if !self.inner.tracker_up.load(Relaxed) || self.announce_in_flight {
+            return;
+        }
+        let full = self.slots_used() >= self.inner.config.max_peers;
+        let now = Instant::now();
+        if !full {
+            self.full_since = None;
+        } else if self.full_since.is_none() {
+            self.full_since = Some(now);
+        }
+        // Full and settled: back into the swarm, reachable by starved peers only
+        // (`make_room_for`).
+        let settled = self
+            .full_since
+            .is_some_and(|t| now.duration_since(t) >= self.inner.config.rotate_after);
+        if full && !settled && self.in_swarm {
+            if self.out.send(self.stopped_frame()).is_ok() {
+                self.in_swarm = false;
+                self.unconfirmed.push_back(Vec::new());
+            }
+        } else if (!full || settled) && !self.in_swarm {
+            self.first_announce = true;
+            self.next_announce = self.next_announce.min(now);
+        }
+    }
+
+    async fn leave(&mut self) {
+        let _ = self.out.send(self.stopped_frame());
         let links: Vec<Arc<Link>> = {
             let mut t = self.inner.table();
             let mut v: Vec<_> = t.by_peer.drain().map(|(_, l)| l).collect();
@@ -812,6 +935,16 @@ impl Core {
         let (dead, _) = mpsc::unbounded_channel();
         self.out = dead;
     }
+}
+
+/// SDP attribute carrying the offerer's connection count.
+const DEGREE_ATTR: &str = "a=x-tidepool-degree:";
+
+/// The offerer's connection count, when the offer came from a tidepool node.
+fn offer_degree(sdp: &str) -> Option<usize> {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix(DEGREE_ATTR))
+        .and_then(|d| d.trim().parse().ok())
 }
 
 fn close_pc(link: &Arc<Link>) {
@@ -836,7 +969,14 @@ async fn make_offer(inner: &Arc<Inner>) -> Result<(OfferId, Arc<Link>, String), 
         .set_local_description(offer)
         .await
         .map_err(|e| NodeError::WebRtc(e.to_string()))?;
-    let sdp = link::local_sdp(&link, inner.config.ice_gathering_timeout).await?;
+    let mut sdp = link::local_sdp(&link, inner.config.ice_gathering_timeout).await?;
+    // Our connection count rides in the offer, so a full peer can tell a starved offerer
+    // (whom it makes room for, healing partitions) from one that is merely looking.
+    let degree = inner.table().by_peer.len();
+    if !sdp.ends_with("\r\n") {
+        sdp.push_str("\r\n");
+    }
+    sdp.push_str(&format!("{DEGREE_ATTR}{degree}\r\n"));
     let mut id = [0u8; 20];
     id.iter_mut()
         .for_each(|b| *b = fastrand::alphanumeric() as u8);

@@ -16,6 +16,8 @@ async fn a_killed_node_is_noticed_by_heartbeat_and_replaced_from_new_offers() {
     let tracker = tracker();
     let mut cfg = config(&tracker, "churn");
     cfg.max_peers = 1;
+    // This test is about the heartbeat: no node makes room for the waiting one.
+    cfg.rotate_after = Duration::from_secs(600);
     let heartbeat_timeout = cfg.heartbeat_timeout;
     let a = node(cfg.clone()).await;
     // The victim is a real process, so SIGKILL leaves no goodbye on the wire.
@@ -28,7 +30,14 @@ async fn a_killed_node_is_noticed_by_heartbeat_and_replaced_from_new_offers() {
             "churn",
             "--loopback",
         ])
-        .args(["--max-peers", "1", "--stats-every", "0"])
+        .args([
+            "--max-peers",
+            "1",
+            "--stats-every",
+            "0",
+            "--rotate-after-secs",
+            "600",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("node binary starts");

@@ -13,11 +13,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_exchange_messages_on_both_channels_with_receipts() {
+    let started = std::time::Instant::now();
     let tracker = tracker();
     let a = node(config(&tracker, "two")).await;
     let b = node(config(&tracker, "two")).await;
     let b_id = connected_to(&a).await;
     let a_id = connected_to(&b).await;
+    eprintln!("two connected after {:?}", started.elapsed());
     assert_eq!(b_id, b.peer_id());
     assert_eq!(a_id, a.peer_id());
 
@@ -118,24 +120,27 @@ async fn two_nodes_exchange_messages_on_both_channels_with_receipts() {
     writer.await.expect("writer");
     assert_eq!(received, payload);
 
+    let t = std::time::Instant::now();
     a.leave().await;
+    eprintln!("a.leave took {:?}", t.elapsed());
     let reason = expect_event(&b, |e| match e {
         Event::PeerDisconnected { reason, .. } => Some(reason.clone()),
         _ => None,
     })
     .await;
-    eprintln!("b saw a leave: {reason:?}");
+    eprintln!("b saw a leave: {reason:?} after {:?}", t.elapsed());
     b.leave().await;
     tracker.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_nodes_form_a_connected_mesh_within_max_peers() {
+    let started = std::time::Instant::now();
     let tracker = tracker();
     let mut nodes = Vec::new();
     for _ in 0..8 {
         let mut c = config(&tracker, "eight");
-        c.max_peers = 3;
+        c.max_peers = 4;
         nodes.push(node(c).await);
     }
     // Connected: every node reaches every other through the links it holds.
@@ -143,7 +148,7 @@ async fn eight_nodes_form_a_connected_mesh_within_max_peers() {
     loop {
         let links: Vec<Vec<_>> = nodes.iter().map(|n| n.connected_peers()).collect();
         for (n, l) in nodes.iter().zip(&links) {
-            assert!(l.len() <= 3, "{:?} holds {} links", n.peer_id(), l.len());
+            assert!(l.len() <= 4, "{:?} holds {} links", n.peer_id(), l.len());
         }
         let ids: Vec<_> = nodes.iter().map(|n| n.peer_id()).collect();
         let mut seen = vec![false; nodes.len()];
@@ -160,6 +165,11 @@ async fn eight_nodes_form_a_connected_mesh_within_max_peers() {
             }
         }
         if seen.iter().all(|&s| s) && links.iter().all(|l| !l.is_empty()) {
+            eprintln!(
+                "mesh connected after {:?}: {:?}",
+                started.elapsed(),
+                links.iter().map(Vec::len).collect::<Vec<_>>()
+            );
             break;
         }
         assert!(
@@ -168,6 +178,41 @@ async fn eight_nodes_form_a_connected_mesh_within_max_peers() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    for n in nodes {
+        n.leave().await;
+    }
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_clique_makes_room_for_a_starved_newcomer() {
+    let tracker = tracker();
+    let cfg = |t: &tidepool_tracker::Tracker| {
+        let mut c = config(t, "clique");
+        c.max_peers = 2;
+        c.peer_id = tidepool_node::config::random_peer_id();
+        c
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(node(cfg(&tracker)).await);
+    }
+    // Three nodes with two slots each: a triangle, everyone full.
+    eventually("a full triangle", || {
+        nodes.iter().all(|n| n.connected_peers().len() == 2)
+    })
+    .await;
+    let newcomer = node(cfg(&tracker)).await;
+    // Nobody has a free slot; only a rotation can let the newcomer in.
+    let first = connected_to(&newcomer).await;
+    assert!(nodes.iter().any(|n| n.peer_id() == first));
+    let rotations: u64 = nodes.iter().map(|n| n.stats().rotations).sum();
+    assert!(rotations >= 1, "a full node made room");
+    nodes.push(newcomer);
+    eventually("every node within max_peers", || {
+        nodes.iter().all(|n| n.connected_peers().len() <= 2)
+    })
+    .await;
     for n in nodes {
         n.leave().await;
     }
