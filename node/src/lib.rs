@@ -30,6 +30,13 @@
 //! # Ok(()) }
 //! ```
 
+/// The README's Rust examples compile (and the protocol ones run) as doc tests, so they
+/// cannot drift. They live here because this crate can see both `tidepool_protocol` and
+/// `tidepool_node`.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
+
 pub mod config;
 mod link;
 mod node;

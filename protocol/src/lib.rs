@@ -18,8 +18,3 @@ pub mod tracker;
 
 pub use id::{IdError, InfoHash, OfferId, PeerId};
 pub use json::Number;
-
-/// The README's Rust examples compile and run as doc tests, so they cannot drift.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-struct ReadmeDoctests;
