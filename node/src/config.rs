@@ -93,7 +93,7 @@ impl NodeConfig {
             send_buffer_limit: 4 << 20,
             max_message_size: 64 << 10,
             sctp_receive_window: 4 << 20,
-            event_queue: 1024,
+            event_queue: 256,
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
         }

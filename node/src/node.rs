@@ -367,6 +367,14 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// Dropping a node leaves the pool too (in the background), so no task outlives it.
+    fn drop(&mut self) {
+        let (tx, _) = oneshot::channel();
+        let _ = self.inner.core_tx.send(CoreMsg::Leave(tx));
+    }
+}
+
 /// The core task's own state (everything else is in [`Inner`]).
 struct Core {
     inner: Arc<Inner>,
