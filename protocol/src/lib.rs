@@ -8,12 +8,14 @@
 //!   messages, a [`tracker::Decoder`] on simd-json that borrows from the frame, and encoders
 //!   that append to a caller's reused `Vec<u8>`.
 //! - [`Number`]: JSON numbers as peers send them (`left` may be `-1`, huge, or a float).
+//! - [`pool`]: node-to-node messages on data channels; [`pool::ChunkRanges`].
 //!
 //! Golden frames recorded from npm `bittorrent-tracker` live in `tests/golden/`; the script
 //! that records them is `interop/record.mjs` (at the workspace root).
 
 pub mod id;
 mod json;
+pub mod pool;
 pub mod tracker;
 
 pub use id::{IdError, InfoHash, OfferId, PeerId};
