@@ -12,6 +12,8 @@
 //! - [`wire`]: the frame header on every data-channel message (sans-IO).
 //! - [`udp`]: the runtime that gives WebRTC's UDP sockets large kernel buffers.
 //! - `stream`: [`PeerStream`], a channel as `AsyncRead` + `AsyncWrite`.
+//! - [`fetch`]: the sans-IO core of one download (which chunks from which source, stalls,
+//!   chunks-missing, origin fallback, giving up), for the chunk pipeline.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tidepool_node::NodeError> {
@@ -38,6 +40,7 @@
 struct ReadmeDoctests;
 
 pub mod config;
+pub mod fetch;
 mod link;
 mod node;
 mod signaling;

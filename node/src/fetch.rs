@@ -1,0 +1,461 @@
+//! The sans-IO core of one download: which chunks to ask which source for, when a request
+//! has stalled, when to ask the origin directly, when to give up. Inputs are sources coming
+//! and going, chunks arriving (already verified) and the time; outputs are pushed into the
+//! caller's buffer. No sockets, no clocks: the I/O shell drives it.
+//!
+//! Policy (DESIGN §5): requests are spread over every source that holds the chunks, at most
+//! `max_in_flight` chunks per source, so a download uses the mesh rather than one path. A
+//! request that makes no progress for `missing_after` is re-requested — exactly its missing
+//! ranges, from another source when there is one; after `origin_after` misses in a row the
+//! re-request asks the origin directly; with no progress at all for `give_up_after` the
+//! download fails with a clear error.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tidepool_protocol::pool::{ChunkRanges, FileMeta};
+
+/// Tunables of a download.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// A request silent this long is re-requested (chunksMissing).
+    pub missing_after: Duration,
+    /// Misses in a row before a re-request asks the origin directly.
+    pub origin_after: u32,
+    /// No chunk at all for this long fails the download.
+    pub give_up_after: Duration,
+    /// Chunks outstanding per source.
+    pub max_in_flight: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            missing_after: Duration::from_secs(5),
+            origin_after: 3,
+            give_up_after: Duration::from_secs(120),
+            max_in_flight: 64,
+        }
+    }
+}
+
+/// What the shell should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchOutput<P> {
+    /// Send a file request for `ranges` to `source`.
+    Request {
+        /// Where to.
+        source: P,
+        /// Fresh id for this request.
+        request_id: u64,
+        /// The chunks.
+        ranges: ChunkRanges,
+        /// Ask the origin directly (after repeated misses).
+        from_origin: bool,
+        /// Which re-request this is (0 for the first ask).
+        attempt: u32,
+    },
+    /// Tell `source` to stop sending for `request_id` (its chunks were reassigned).
+    Cancel {
+        /// Where to.
+        source: P,
+        /// The request.
+        request_id: u64,
+    },
+    /// Every chunk is in.
+    Done,
+    /// The download cannot finish.
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct InFlight<P> {
+    source: P,
+    outstanding: ChunkRanges,
+    last_progress: Instant,
+    attempt: u32,
+}
+
+/// One download's state. `P` identifies a source (a peer id in the node).
+#[derive(Debug)]
+pub struct Fetch<P> {
+    config: FetchConfig,
+    all: ChunkRanges,
+    have: ChunkRanges,
+    sources: Vec<(P, ChunkRanges)>,
+    in_flight: HashMap<u64, InFlight<P>>,
+    /// Ranges waiting for a source, with the attempt count they carry.
+    waiting: Vec<(ChunkRanges, u32)>,
+    next_request_id: u64,
+    last_progress: Instant,
+    next_source: usize,
+    finished: bool,
+    /// Chunks that arrived twice (a cost the pipeline should keep low).
+    pub duplicates: u64,
+    /// Re-requests made after a stall.
+    pub missing_rounds: u64,
+}
+
+impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
+    /// A download of `meta`, resuming with the chunks in `have`.
+    pub fn new(
+        meta: &FileMeta,
+        have: ChunkRanges,
+        config: FetchConfig,
+        now: Instant,
+        first_request_id: u64,
+    ) -> Result<Self, tidepool_protocol::pool::VerifyError> {
+        let all = ChunkRanges::full(meta.chunk_count()?);
+        let want = all.difference(&have);
+        Ok(Self {
+            config,
+            waiting: if want.is_empty() {
+                Vec::new()
+            } else {
+                vec![(want, 0)]
+            },
+            all,
+            have,
+            sources: Vec::new(),
+            in_flight: HashMap::new(),
+            next_request_id: first_request_id,
+            last_progress: now,
+            next_source: 0,
+            finished: false,
+            duplicates: 0,
+            missing_rounds: 0,
+        })
+    }
+
+    /// Chunks held.
+    pub fn have(&self) -> &ChunkRanges {
+        &self.have
+    }
+
+    /// Whether every chunk is in.
+    pub fn is_complete(&self) -> bool {
+        self.have == self.all
+    }
+
+    /// `source` can serve `ranges` (what it holds, or everything for a relay that fetches
+    /// on our behalf). Replaces what was known about it.
+    pub fn add_source(&mut self, source: P, ranges: ChunkRanges) {
+        match self.sources.iter_mut().find(|(s, _)| *s == source) {
+            Some(entry) => entry.1 = ranges,
+            None => self.sources.push((source, ranges)),
+        }
+    }
+
+    /// `source` is gone: what it owed goes back to the waiting list at once.
+    pub fn remove_source(&mut self, source: &P) {
+        self.sources.retain(|(s, _)| s != source);
+        let lost: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.source == *source)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            if let Some(f) = self.in_flight.remove(&id)
+                && !f.outstanding.is_empty()
+            {
+                self.waiting.push((f.outstanding, f.attempt));
+            }
+        }
+    }
+
+    /// A verified chunk arrived for `request_id`. Returns false for a duplicate.
+    pub fn on_chunk(&mut self, now: Instant, request_id: u64, index: u32) -> bool {
+        if let Some(f) = self.in_flight.get_mut(&request_id) {
+            f.outstanding.remove(index..index + 1);
+            f.last_progress = now;
+            if f.outstanding.is_empty() {
+                self.in_flight.remove(&request_id);
+            }
+        }
+        if self.have.contains(index) || !self.all.contains(index) {
+            self.duplicates += 1;
+            return false;
+        }
+        self.have.insert(index..index + 1);
+        self.last_progress = now;
+        // A chunk that came another way is no longer wanted from anyone.
+        for (w, _) in &mut self.waiting {
+            w.remove(index..index + 1);
+        }
+        for f in self.in_flight.values_mut() {
+            f.outstanding.remove(index..index + 1);
+        }
+        true
+    }
+
+    /// Advances timers and hands out work; call after every input and on a tick.
+    pub fn poll(&mut self, now: Instant, out: &mut Vec<FetchOutput<P>>) {
+        if self.finished {
+            return;
+        }
+        if self.is_complete() {
+            self.finished = true;
+            for (id, f) in self.in_flight.drain() {
+                out.push(FetchOutput::Cancel {
+                    source: f.source,
+                    request_id: id,
+                });
+            }
+            out.push(FetchOutput::Done);
+            return;
+        }
+        if now.duration_since(self.last_progress) >= self.config.give_up_after {
+            self.finished = true;
+            let missing = self.all.difference(&self.have);
+            out.push(FetchOutput::Failed(format!(
+                "no chunk arrived for {:?}; {} of {} chunks still missing ({:?}), {} sources known",
+                self.config.give_up_after,
+                missing.len(),
+                self.all.len(),
+                missing.take_first(64),
+                self.sources.len(),
+            )));
+            return;
+        }
+        self.in_flight.retain(|_, f| !f.outstanding.is_empty());
+        let stalled: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.last_progress) >= self.config.missing_after)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stalled {
+            if let Some(f) = self.in_flight.remove(&id) {
+                self.missing_rounds += 1;
+                out.push(FetchOutput::Cancel {
+                    source: f.source.clone(),
+                    request_id: id,
+                });
+                // Prefer someone else next time: rotate past the silent source.
+                if let Some(pos) = self.sources.iter().position(|(s, _)| *s == f.source) {
+                    self.next_source = pos + 1;
+                }
+                self.waiting.push((f.outstanding, f.attempt + 1));
+            }
+        }
+        self.assign(now, out);
+    }
+
+    /// Gives waiting ranges to sources with room, round robin, so chunks come over several
+    /// paths at once.
+    fn assign(&mut self, now: Instant, out: &mut Vec<FetchOutput<P>>) {
+        if self.sources.is_empty() {
+            return;
+        }
+        let mut waiting = std::mem::take(&mut self.waiting);
+        waiting.retain(|(w, _)| !w.is_empty());
+        let n = self.sources.len();
+        let mut idle_rounds = 0;
+        while !waiting.is_empty() && idle_rounds < n {
+            let i = self.next_source % n;
+            self.next_source = i + 1;
+            let (source, holds) = self.sources[i].clone();
+            let busy: u64 = self
+                .in_flight
+                .values()
+                .filter(|f| f.source == source)
+                .map(|f| f.outstanding.len())
+                .sum();
+            let room = self.config.max_in_flight.saturating_sub(busy);
+            let Some(pos) = waiting
+                .iter()
+                .position(|(w, _)| !w.intersection(&holds).is_empty())
+            else {
+                idle_rounds += 1;
+                continue;
+            };
+            if room == 0 {
+                idle_rounds += 1;
+                continue;
+            }
+            idle_rounds = 0;
+            let (w, attempt) = &mut waiting[pos];
+            let ranges = w.intersection(&holds).take_first(room);
+            *w = w.difference(&ranges);
+            let attempt = *attempt;
+            let request_id = self.next_request_id;
+            self.next_request_id += 1;
+            self.in_flight.insert(
+                request_id,
+                InFlight {
+                    source: source.clone(),
+                    outstanding: ranges.clone(),
+                    last_progress: now,
+                    attempt,
+                },
+            );
+            out.push(FetchOutput::Request {
+                source,
+                request_id,
+                ranges,
+                from_origin: attempt >= self.config.origin_after,
+                attempt,
+            });
+            waiting.retain(|(w, _)| !w.is_empty());
+        }
+        self.waiting = waiting;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(chunks: u32) -> FileMeta {
+        FileMeta {
+            name: "f".into(),
+            size: u64::from(chunks) * 10,
+            chunk_size: 10,
+            root: [0; 32],
+        }
+    }
+
+    fn config() -> FetchConfig {
+        FetchConfig {
+            missing_after: Duration::from_secs(5),
+            origin_after: 3,
+            give_up_after: Duration::from_secs(60),
+            max_in_flight: 4,
+        }
+    }
+
+    fn requests(out: &[FetchOutput<u8>]) -> Vec<(u8, u64, Vec<u32>, bool)> {
+        out.iter()
+            .filter_map(|o| match o {
+                FetchOutput::Request {
+                    source,
+                    request_id,
+                    ranges,
+                    from_origin,
+                    ..
+                } => Some((*source, *request_id, ranges.iter().collect(), *from_origin)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn requests_spread_over_sources_within_the_in_flight_bound() {
+        let t = Instant::now();
+        let mut f = Fetch::new(&meta(10), ChunkRanges::new(), config(), t, 1).expect("shape");
+        f.add_source(1u8, ChunkRanges::full(10));
+        f.add_source(2u8, ChunkRanges::full(10));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        let r = requests(&out);
+        assert_eq!(r.len(), 2, "4 chunks to each source, 2 kept back: {r:?}");
+        assert!(r.iter().any(|x| x.0 == 1) && r.iter().any(|x| x.0 == 2));
+        assert!(r.iter().all(|x| x.2.len() == 4 && !x.3));
+        // Room frees as chunks arrive; the rest goes out then, every chunk asked once.
+        let first = r[0].clone();
+        for i in &first.2 {
+            assert!(f.on_chunk(t, first.1, *i));
+        }
+        out.clear();
+        f.poll(t, &mut out);
+        let more = requests(&out);
+        assert_eq!(more.len(), 1);
+        let asked: ChunkRanges = r.iter().chain(&more).flat_map(|x| x.2.clone()).collect();
+        assert_eq!(asked, ChunkRanges::full(10));
+    }
+
+    #[test]
+    fn only_sources_holding_a_chunk_are_asked_for_it() {
+        let t = Instant::now();
+        let mut f =
+            Fetch::new(&meta(6), ChunkRanges::from_range(0..2), config(), t, 1).expect("shape");
+        f.add_source(1u8, ChunkRanges::from_range(0..4));
+        f.add_source(2u8, ChunkRanges::from_range(4..6));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        let mut r = requests(&out);
+        r.sort();
+        assert_eq!(
+            r.iter().map(|x| (x.0, x.2.clone())).collect::<Vec<_>>(),
+            vec![(1, vec![2, 3]), (2, vec![4, 5])]
+        );
+    }
+
+    #[test]
+    fn stalls_re_request_exactly_the_missing_chunks_elsewhere_then_from_origin() {
+        let t = Instant::now();
+        let mut cfg = config();
+        cfg.max_in_flight = 10;
+        let mut f = Fetch::new(&meta(4), ChunkRanges::new(), cfg, t, 1).expect("shape");
+        f.add_source(1u8, ChunkRanges::full(4));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        let first = requests(&out);
+        assert_eq!(first, vec![(1, 1, vec![0, 1, 2, 3], false)]);
+        assert!(f.on_chunk(t + Duration::from_secs(1), 1, 0));
+        assert!(f.on_chunk(t + Duration::from_secs(1), 1, 2));
+        f.add_source(2u8, ChunkRanges::full(4));
+        // Silent for missing_after since the last chunk: chunks 1 and 3 go to source 2.
+        out.clear();
+        f.poll(t + Duration::from_secs(6), &mut out);
+        assert!(out.contains(&FetchOutput::Cancel {
+            source: 1,
+            request_id: 1
+        }));
+        assert_eq!(requests(&out), vec![(2, 2, vec![1, 3], false)]);
+        // Two more silent rounds, then the re-request asks the origin.
+        let mut now = t + Duration::from_secs(6);
+        let mut last = Vec::new();
+        for _ in 0..2 {
+            now += Duration::from_secs(5);
+            out.clear();
+            f.poll(now, &mut out);
+            last = requests(&out);
+        }
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].2, vec![1, 3]);
+        assert!(last[0].3, "third miss in a row asks from_origin");
+        assert_eq!(f.missing_rounds, 3);
+    }
+
+    #[test]
+    fn a_lost_source_returns_its_chunks_and_duplicates_are_counted() {
+        let t = Instant::now();
+        let mut f = Fetch::new(&meta(4), ChunkRanges::new(), config(), t, 1).expect("shape");
+        f.add_source(1u8, ChunkRanges::full(4));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        f.remove_source(&1);
+        f.add_source(2u8, ChunkRanges::full(4));
+        out.clear();
+        f.poll(t, &mut out);
+        assert_eq!(requests(&out), vec![(2, 2, vec![0, 1, 2, 3], false)]);
+        for i in 0..4 {
+            assert!(f.on_chunk(t, 2, i));
+        }
+        assert!(!f.on_chunk(t, 2, 1), "duplicate");
+        assert_eq!(f.duplicates, 1);
+        out.clear();
+        f.poll(t, &mut out);
+        assert_eq!(out, vec![FetchOutput::Done]);
+        out.clear();
+        f.poll(t, &mut out);
+        assert!(out.is_empty(), "Done once");
+    }
+
+    #[test]
+    fn no_progress_for_the_budget_fails_with_what_is_missing() {
+        let t = Instant::now();
+        let mut f: Fetch<u8> =
+            Fetch::new(&meta(3), ChunkRanges::new(), config(), t, 1).expect("shape");
+        let mut out = Vec::new();
+        f.poll(t + Duration::from_secs(61), &mut out);
+        match out.as_slice() {
+            [FetchOutput::Failed(msg)] => {
+                assert!(msg.contains("3 of 3 chunks still missing"), "{msg}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
