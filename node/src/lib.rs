@@ -14,6 +14,8 @@
 //! - `stream`: [`PeerStream`], a channel as `AsyncRead` + `AsyncWrite`.
 //! - [`fetch`]: the sans-IO core of one download (which chunks from which source, stalls,
 //!   chunks-missing, origin fallback, giving up), for the chunk pipeline.
+//! - [`store`]: shared files with their hash trees, and downloads verified chunk by chunk
+//!   into `NAME.part` with a resumable state file.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tidepool_node::NodeError> {
@@ -44,6 +46,7 @@ pub mod fetch;
 mod link;
 mod node;
 mod signaling;
+pub mod store;
 mod stream;
 pub mod udp;
 pub mod wire;

@@ -1,0 +1,324 @@
+//! Files on disk for the chunk pipeline: a shared file with its hash tree (to hand out
+//! chunks with proofs), and a download in progress — chunks verified before they are
+//! written into `NAME.part`, the set held recorded in `NAME.part.state` (rewritten
+//! atomically), so a restarted download resumes from what is on disk, and the file renamed
+//! into place only when every chunk is in.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use tidepool_protocol::pool::{ChunkRanges, FileId, FileMeta, Hash, HashTree, VerifyError};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Reading or writing a file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A chunk or the metadata did not verify.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    /// A state file from another file or version.
+    #[error("{0}: state file does not belong to this download")]
+    ForeignState(PathBuf),
+    /// `finish` before every chunk is in.
+    #[error("download incomplete: {missing} chunks missing")]
+    Incomplete {
+        /// Chunks still missing.
+        missing: u64,
+    },
+}
+
+/// A chunk's bytes and the sibling hashes that prove it.
+pub type ProvenChunk = (Vec<u8>, Vec<Hash>);
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A complete file this node serves.
+#[derive(Debug)]
+pub struct SharedFile {
+    file: File,
+    path: PathBuf,
+    meta: FileMeta,
+    tree: HashTree,
+}
+
+impl SharedFile {
+    /// Reads `path` once to build its hash tree.
+    pub fn open(path: &Path, chunk_size: u32) -> Result<Self, StoreError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        let size = file.metadata().map_err(io_err(path))?.len();
+        let mut leaves = Vec::new();
+        let mut buf = vec![0u8; chunk_size.max(1) as usize];
+        let mut offset = 0u64;
+        let mut index = 0u32;
+        while offset < size {
+            let n = (size - offset).min(u64::from(chunk_size)) as usize;
+            file.read_exact_at(&mut buf[..n], offset)
+                .map_err(io_err(path))?;
+            leaves.push(tidepool_protocol::pool::tree::leaf_hash(index, &buf[..n]));
+            offset += n as u64;
+            index += 1;
+        }
+        let tree = HashTree::from_leaves(leaves);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let meta = FileMeta {
+            name,
+            size,
+            chunk_size,
+            root: tree.root(),
+        };
+        meta.chunk_count()?;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            meta,
+            tree,
+        })
+    }
+
+    /// What the file is.
+    pub fn meta(&self) -> &FileMeta {
+        &self.meta
+    }
+
+    /// Its id.
+    pub fn id(&self) -> FileId {
+        self.meta.file_id()
+    }
+
+    /// Chunk `index` and its proof.
+    pub fn read_chunk(&self, index: u32) -> Result<ProvenChunk, StoreError> {
+        let len = self.meta.chunk_len(index)?;
+        let mut data = vec![0u8; len];
+        let offset = u64::from(index) * u64::from(self.meta.chunk_size);
+        self.file
+            .read_exact_at(&mut data, offset)
+            .map_err(io_err(&self.path))?;
+        Ok((data, self.tree.proof(index)))
+    }
+}
+
+const STATE_MAGIC: &[u8; 8] = b"tpstate1";
+
+/// A download in progress.
+#[derive(Debug)]
+pub struct PartialFile {
+    file: File,
+    part: PathBuf,
+    state: PathBuf,
+    target: PathBuf,
+    meta: FileMeta,
+    have: ChunkRanges,
+    /// Proofs of the chunks received in this run, so they can be served onward.
+    proofs: std::collections::HashMap<u32, Vec<Hash>>,
+}
+
+impl PartialFile {
+    /// Starts a download of `meta` into `target`, or resumes one left in `target.part`.
+    pub fn open(target: &Path, meta: &FileMeta) -> Result<Self, StoreError> {
+        meta.chunk_count()?;
+        let part = with_suffix(target, ".part");
+        let state = with_suffix(target, ".part.state");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part)
+            .map_err(io_err(&part))?;
+        file.set_len(meta.size).map_err(io_err(&part))?;
+        let have = match std::fs::read(&state) {
+            Ok(bytes) => {
+                parse_state(&bytes, meta).ok_or_else(|| StoreError::ForeignState(state.clone()))?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => ChunkRanges::new(),
+            Err(e) => return Err(io_err(&state)(e)),
+        };
+        Ok(Self {
+            file,
+            part,
+            state,
+            target: target.to_owned(),
+            meta: meta.clone(),
+            have,
+            proofs: Default::default(),
+        })
+    }
+
+    /// Chunks on disk (verified when they arrived).
+    pub fn have(&self) -> &ChunkRanges {
+        &self.have
+    }
+
+    /// What is being downloaded.
+    pub fn meta(&self) -> &FileMeta {
+        &self.meta
+    }
+
+    /// Verifies chunk `index` and writes it; returns false if it was already held.
+    pub fn write_chunk(
+        &mut self,
+        index: u32,
+        data: &[u8],
+        proof: &[Hash],
+    ) -> Result<bool, StoreError> {
+        self.meta.verify_chunk(index, data, proof)?;
+        if self.have.contains(index) {
+            return Ok(false);
+        }
+        let offset = u64::from(index) * u64::from(self.meta.chunk_size);
+        self.file
+            .write_all_at(data, offset)
+            .map_err(io_err(&self.part))?;
+        self.have.insert(index..index + 1);
+        self.proofs.insert(index, proof.to_vec());
+        self.save_state()?;
+        Ok(true)
+    }
+
+    /// Chunk `index` and its proof, if held and received in this run.
+    pub fn read_chunk(&self, index: u32) -> Result<Option<ProvenChunk>, StoreError> {
+        let Some(proof) = self.proofs.get(&index) else {
+            return Ok(None);
+        };
+        let mut data = vec![0u8; self.meta.chunk_len(index)?];
+        let offset = u64::from(index) * u64::from(self.meta.chunk_size);
+        self.file
+            .read_exact_at(&mut data, offset)
+            .map_err(io_err(&self.part))?;
+        Ok(Some((data, proof.clone())))
+    }
+
+    /// Once every chunk is in: flushes, renames `NAME.part` to `NAME`, removes the state.
+    pub fn finish(self) -> Result<PathBuf, StoreError> {
+        let all = ChunkRanges::full(self.meta.chunk_count()?);
+        let missing = all.difference(&self.have).len();
+        if missing > 0 {
+            return Err(StoreError::Incomplete { missing });
+        }
+        self.file.sync_all().map_err(io_err(&self.part))?;
+        std::fs::rename(&self.part, &self.target).map_err(io_err(&self.target))?;
+        let _ = std::fs::remove_file(&self.state);
+        Ok(self.target)
+    }
+
+    /// Writes the held set next to the data, atomically (temp file + rename).
+    fn save_state(&self) -> Result<(), StoreError> {
+        let mut bytes = STATE_MAGIC.to_vec();
+        bytes.extend_from_slice(&self.meta.file_id().0);
+        self.have.encode(&mut bytes);
+        let tmp = with_suffix(&self.state, ".tmp");
+        std::fs::write(&tmp, &bytes).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &self.state).map_err(io_err(&self.state))
+    }
+}
+
+fn parse_state(bytes: &[u8], meta: &FileMeta) -> Option<ChunkRanges> {
+    let rest = bytes.strip_prefix(STATE_MAGIC)?;
+    let (id, rest) = rest.split_at_checked(32)?;
+    if id != meta.file_id().0 {
+        return None;
+    }
+    let (have, used) = ChunkRanges::decode(rest, u32::MAX).ok()?;
+    let all = ChunkRanges::full(meta.chunk_count().ok()?);
+    (used == rest.len() && all.contains_all(&have)).then_some(have)
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tidepool-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    #[test]
+    fn a_download_verifies_resumes_and_lands_identical() {
+        let dir = temp("resume");
+        let src = dir.join("source.bin");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        std::fs::write(&src, &data).expect("write");
+        let shared = SharedFile::open(&src, 4096).expect("share");
+        let meta = shared.meta().clone();
+        assert_eq!(meta.chunk_count().expect("shape"), 25);
+        let target = dir.join("copy.bin");
+
+        let mut part = PartialFile::open(&target, &meta).expect("start");
+        for i in 0..10 {
+            let (d, p) = shared.read_chunk(i).expect("read");
+            assert!(part.write_chunk(i, &d, &p).expect("verified"));
+        }
+        let (d, p) = shared.read_chunk(3).expect("read");
+        assert!(!part.write_chunk(3, &d, &p).expect("again"), "already held");
+        // A corrupted chunk is refused and nothing is written.
+        let (mut bad, p) = shared.read_chunk(10).expect("read");
+        bad[0] ^= 0xff;
+        assert!(matches!(
+            part.write_chunk(10, &bad, &p),
+            Err(StoreError::Verify(_))
+        ));
+        assert!(!part.have().contains(10));
+        drop(part);
+
+        // Restart: the ten chunks on disk are picked up.
+        let mut part = PartialFile::open(&target, &meta).expect("resume");
+        assert_eq!(part.have(), &ChunkRanges::full(10));
+        assert!(matches!(
+            PartialFile::open(&target, &meta).map(|p| p.have().len()),
+            Ok(10)
+        ));
+        for i in 10..25 {
+            let (d, p) = shared.read_chunk(i).expect("read");
+            part.write_chunk(i, &d, &p).expect("verified");
+        }
+        let served = part.read_chunk(20).expect("read").expect("held this run");
+        assert_eq!(served, shared.read_chunk(20).expect("read"));
+        let done = part.finish().expect("complete");
+        assert_eq!(std::fs::read(&done).expect("read"), data);
+        assert!(!dir.join("copy.bin.part").exists() && !dir.join("copy.bin.part.state").exists());
+    }
+
+    #[test]
+    fn finishing_early_and_foreign_state_files_are_refused() {
+        let dir = temp("refuse");
+        let src = dir.join("a.bin");
+        std::fs::write(&src, vec![1u8; 10_000]).expect("write");
+        let meta = SharedFile::open(&src, 1024).expect("share").meta().clone();
+        let target = dir.join("b.bin");
+        let part = PartialFile::open(&target, &meta).expect("start");
+        assert!(matches!(
+            part.finish(),
+            Err(StoreError::Incomplete { missing: 10 })
+        ));
+        std::fs::write(dir.join("b.bin.part.state"), b"tpstate1 not this file").expect("write");
+        assert!(matches!(
+            PartialFile::open(&target, &meta),
+            Err(StoreError::ForeignState(_))
+        ));
+    }
+}
