@@ -103,7 +103,7 @@ impl NodeConfig {
     pub fn for_loopback(mut self) -> Self {
         self.loopback_only = true;
         self.offer_timeout = Duration::from_secs(4);
-        self.connect_timeout = Duration::from_secs(3);
+        self.connect_timeout = Duration::from_secs(5);
         self.min_announce_interval = Duration::from_millis(500);
         self.rotate_after = Duration::from_secs(1);
         self.heartbeat_interval = Duration::from_millis(250);

@@ -132,6 +132,11 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
         &self.have
     }
 
+    /// Sources known.
+    pub fn source_count(&self) -> usize {
+        self.sources.len()
+    }
+
     /// Whether every chunk is in.
     pub fn is_complete(&self) -> bool {
         self.have == self.all

@@ -14,6 +14,7 @@
 //! - `stream`: [`PeerStream`], a channel as `AsyncRead` + `AsyncWrite`.
 //! - [`fetch`]: the sans-IO core of one download (which chunks from which source, stalls,
 //!   chunks-missing, origin fallback, giving up), for the chunk pipeline.
+//! - [`pool`]: the chunk pipeline's I/O shell ([`pool::Pool`]: share and get files).
 //! - [`store`]: shared files with their hash trees, and downloads verified chunk by chunk
 //!   into `NAME.part` with a resumable state file.
 //!
@@ -45,6 +46,7 @@ pub mod config;
 pub mod fetch;
 mod link;
 mod node;
+pub mod pool;
 mod signaling;
 pub mod store;
 mod stream;
@@ -93,6 +95,8 @@ pub enum DisconnectReason {
     Replaced,
     /// Dropped, while full, to make room for a peer with few connections.
     Rotated,
+    /// Dropped by the application ([`Node::disconnect`]), with its reason.
+    Dropped(String),
     /// The connection failed, closed, or the peer broke the framing.
     Connection(String),
 }

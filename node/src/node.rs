@@ -37,6 +37,8 @@ pub(crate) enum CoreMsg {
     Accepted(Arc<Link>),
     /// Answering that peer's offer failed before a connection existed.
     AnswerFailed(PeerId),
+    /// The application drops a peer (it misbehaved).
+    Disconnect(PeerId, String),
     Leave(oneshot::Sender<()>),
 }
 
@@ -177,6 +179,11 @@ impl Node {
             inner,
             events: tokio::sync::Mutex::new(events_rx),
         })
+    }
+
+    /// The config the node runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
     }
 
     /// This node's peer id.
@@ -346,6 +353,15 @@ impl Node {
         }
     }
 
+    /// Closes the connection to `peer` (for example after it sent data that failed
+    /// verification); the slot is refilled from new offers like any other.
+    pub fn disconnect(&self, peer: PeerId, reason: impl Into<String>) {
+        let _ = self
+            .inner
+            .core_tx
+            .send(CoreMsg::Disconnect(peer, reason.into()));
+    }
+
     /// A byte stream over `channel` to `peer` ([`crate::PeerStream`]: `AsyncRead` +
     /// `AsyncWrite`). While it exists, that channel's messages from the peer feed the stream
     /// instead of the event stream.
@@ -440,6 +456,12 @@ impl Core {
             CoreMsg::Accepted(link) => self.on_accepted(link),
             CoreMsg::AnswerFailed(peer) => {
                 self.answering.remove(&peer);
+            }
+            CoreMsg::Disconnect(peer, why) => {
+                let id = self.inner.table().by_peer.get(&peer).map(|l| l.id);
+                if let Some(id) = id {
+                    self.close_link(id, DisconnectReason::Dropped(why));
+                }
             }
             CoreMsg::Leave(_) => {}
         }

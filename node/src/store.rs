@@ -92,6 +92,18 @@ impl SharedFile {
         })
     }
 
+    /// Opens a file known by `meta` (a finished download): the tree is rebuilt from the
+    /// bytes and must have the expected root; the name stays the one in `meta`, so the file
+    /// keeps its id wherever it is stored.
+    pub fn open_as(path: &Path, meta: &FileMeta) -> Result<Self, StoreError> {
+        let mut f = Self::open(path, meta.chunk_size)?;
+        if f.meta.root != meta.root || f.meta.size != meta.size {
+            return Err(StoreError::Verify(VerifyError::WrongFileId));
+        }
+        f.meta = meta.clone();
+        Ok(f)
+    }
+
     /// What the file is.
     pub fn meta(&self) -> &FileMeta {
         &self.meta

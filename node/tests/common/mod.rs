@@ -14,7 +14,18 @@ pub fn tracker() -> Tracker {
     tracker_on("127.0.0.1:0")
 }
 
+/// Logs to stderr when `RUST_LOG` is set (e.g. `RUST_LOG=tidepool_node=debug`).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub fn tracker_on(addr: &str) -> Tracker {
+    init_logs();
     let mut c = Config::default();
     c.network.listen = addr.parse().expect("address");
     Tracker::start(c).expect("tracker starts")

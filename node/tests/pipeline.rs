@@ -1,0 +1,199 @@
+//! The chunk pipeline over real nodes on loopback: a seeder and several downloaders of a
+//! random file all finish with identical bytes and few duplicates; a peer that corrupts
+//! chunks is dropped and the file still verifies; a download stopped halfway resumes from
+//! its `.part` file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use tidepool_node::pool::{Pool, PoolConfig};
+use tidepool_node::{Node, NodeConfig};
+
+fn random_file(dir: &Path, len: usize) -> PathBuf {
+    let path = dir.join("source.bin");
+    let mut data = vec![0u8; len];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in &mut data {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&path, &data).expect("write source");
+    path
+}
+
+fn temp(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tidepool-pipe-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn node_config(tracker: &tidepool_tracker::Tracker, pool: &str) -> NodeConfig {
+    let mut c = config(tracker, pool);
+    c.max_message_size = Pool::message_size_for(64 * 1024);
+    c.peer_id = tidepool_node::config::random_peer_id();
+    c
+}
+
+/// These tests move megabytes through debug-build WebRTC stacks; run one at a time so a
+/// 2-core machine keeps handshakes and heartbeats inside their timeouts.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}
+
+fn pool_config() -> PoolConfig {
+    let mut p = PoolConfig::default();
+    p.fetch.missing_after = Duration::from_secs(2);
+    p.fetch.give_up_after = Duration::from_secs(25);
+    p
+}
+
+async fn pool(c: NodeConfig, p: PoolConfig) -> Pool {
+    Pool::start(Node::join(c).await.expect("joins"), p).expect("pool starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_and_three_downloaders_all_finish_identical_with_few_duplicates() {
+    let _serial = one_at_a_time().await;
+    let tracker = tracker();
+    let dir = temp("seed");
+    let source = random_file(&dir, 3 * 1024 * 1024 + 12_345);
+    let seeder = pool(node_config(&tracker, "pipe"), pool_config()).await;
+    let id = seeder.share(&source).expect("shares");
+    let mut downloaders = Vec::new();
+    for _ in 0..3 {
+        downloaders.push(pool(node_config(&tracker, "pipe"), pool_config()).await);
+    }
+    let mut handles = Vec::new();
+    for (i, d) in downloaders.iter().enumerate() {
+        let target = dir.join(format!("copy-{i}.bin"));
+        handles.push((
+            tokio::time::timeout(WAIT, d.get(id, &target))
+                .await
+                .expect("offer arrives")
+                .expect("starts"),
+            target,
+        ));
+    }
+    let want = std::fs::read(&source).expect("read");
+    for (download, target) in handles {
+        let progress = download.progress.clone();
+        let path = tokio::time::timeout(WAIT, download.finished())
+            .await
+            .expect("finishes in time")
+            .expect("verified");
+        assert_eq!(path, target);
+        assert_eq!(std::fs::read(&path).expect("read"), want, "identical bytes");
+        let p = progress.borrow().clone();
+        assert_eq!(p.have_bytes, want.len() as u64);
+        assert!(
+            p.received_bytes as f64 <= 1.05 * want.len() as f64,
+            "received {} for {} ({} duplicates)",
+            p.received_bytes,
+            want.len(),
+            p.duplicates
+        );
+        eprintln!("{p:?}");
+    }
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_corrupted_chunks_is_dropped_and_the_file_still_verifies() {
+    let _serial = one_at_a_time().await;
+    let tracker = tracker();
+    let dir = temp("corrupt");
+    let source = random_file(&dir, 1024 * 1024);
+    // At first only the liar holds the file, so the downloader must meet its bad chunks.
+    let mut liar_cfg = pool_config();
+    liar_cfg.corrupt_outgoing = true;
+    let liar = pool(node_config(&tracker, "corrupt"), liar_cfg).await;
+    let id = liar.share(&source).expect("shares");
+    let downloader = pool(node_config(&tracker, "corrupt"), pool_config()).await;
+    let target = dir.join("copy.bin");
+    let download = tokio::time::timeout(WAIT, downloader.get(id, &target))
+        .await
+        .expect("offer arrives")
+        .expect("starts");
+    eventually("a bad chunk is caught", || downloader.bad_chunks() > 0).await;
+    assert!(downloader.dropped_peers() >= 1, "the liar was disconnected");
+    assert_eq!(
+        download.progress.borrow().have_bytes,
+        0,
+        "nothing unverified was kept"
+    );
+    // An honest holder appears; the download completes and verifies.
+    let honest = pool(node_config(&tracker, "corrupt"), pool_config()).await;
+    assert_eq!(honest.share(&source).expect("shares"), id);
+    let path = tokio::time::timeout(WAIT, download.finished())
+        .await
+        .expect("in time")
+        .expect("verified despite the liar");
+    assert_eq!(
+        std::fs::read(path).expect("read"),
+        std::fs::read(&source).expect("read")
+    );
+    tracker.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_stopped_halfway_resumes_from_its_part_file() {
+    let _serial = one_at_a_time().await;
+    let tracker = tracker();
+    let dir = temp("resume");
+    let source = random_file(&dir, 2 * 1024 * 1024);
+    let seeder = pool(node_config(&tracker, "resume"), pool_config()).await;
+    let id = seeder.share(&source).expect("shares");
+    let target = dir.join("copy.bin");
+    let first = pool(node_config(&tracker, "resume"), pool_config()).await;
+    let download = tokio::time::timeout(WAIT, first.get(id, &target))
+        .await
+        .expect("offer arrives")
+        .expect("starts");
+    let mut progress = download.progress.clone();
+    let total = std::fs::metadata(&source).expect("stat").len();
+    tokio::time::timeout(WAIT, progress.wait_for(|p| p.have_bytes >= total / 3))
+        .await
+        .expect("progress in time")
+        .expect("progress");
+    drop(first);
+    let part_len = std::fs::metadata(dir.join("copy.bin.part"))
+        .expect("part file")
+        .len();
+    assert_eq!(part_len, total);
+    assert!(dir.join("copy.bin.part.state").exists());
+
+    let second = pool(node_config(&tracker, "resume"), pool_config()).await;
+    let download = tokio::time::timeout(WAIT, second.get(id, &target))
+        .await
+        .expect("offer arrives")
+        .expect("starts");
+    let resumed_from = download.progress.borrow().have_bytes;
+    assert!(
+        resumed_from >= total / 3,
+        "resumed with {resumed_from} of {total}"
+    );
+    let progress = download.progress.clone();
+    let path = tokio::time::timeout(WAIT, download.finished())
+        .await
+        .expect("in time")
+        .expect("verified");
+    assert_eq!(
+        std::fs::read(path).expect("read"),
+        std::fs::read(&source).expect("read")
+    );
+    let fetched = progress.borrow().received_bytes;
+    assert!(
+        fetched < total,
+        "only the rest was fetched: {fetched} of {total}"
+    );
+    tracker.shutdown();
+}
