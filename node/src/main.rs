@@ -1,12 +1,14 @@
-//! `tidepool-node`: command-line entry point. `join` connects to a pool and prints peers as
-//! they come and go, and the node's stats on an interval (the chunk commands come with the
-//! chunk pipeline).
+//! `tidepool-node`: command-line entry point. `join` holds connections and prints peers and
+//! stats; `share` serves a file to the pool; `get` fetches one with a progress bar (or JSON
+//! lines with `--json`) and exits 0 once the file is complete and verified.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use mimalloc::MiMalloc;
+use tidepool_node::pool::{Pool, PoolConfig};
 use tidepool_node::{Event, Node, NodeConfig, PeerId};
 
 #[global_allocator]
@@ -20,36 +22,105 @@ struct Cli {
     command: Command,
 }
 
+/// Where and how to join.
+#[derive(Debug, Args)]
+struct Join {
+    /// Tracker URL (ws:// or wss://).
+    #[arg(long)]
+    tracker: String,
+    /// Pool name (hashed into the swarm's info hash).
+    #[arg(long)]
+    pool: String,
+    /// Gather loopback candidates only (tests, a machine without a network).
+    #[arg(long)]
+    loopback: bool,
+    /// Most peer connections.
+    #[arg(long, default_value_t = 8)]
+    max_peers: usize,
+    /// STUN/TURN server URL (repeatable).
+    #[arg(long = "ice-server")]
+    ice_servers: Vec<String>,
+    /// Seconds full and unchanged before making room for a starved peer.
+    #[arg(long)]
+    rotate_after_secs: Option<u64>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Join a pool; print peers as they come and go, and stats every interval.
     Join {
-        /// Tracker URL (ws:// or wss://).
-        #[arg(long)]
-        tracker: String,
-        /// Pool name (hashed into the swarm's info hash).
-        #[arg(long)]
-        pool: String,
-        /// Gather loopback candidates only (tests, a machine without a network).
-        #[arg(long)]
-        loopback: bool,
-        /// Most peer connections.
-        #[arg(long, default_value_t = 8)]
-        max_peers: usize,
+        #[command(flatten)]
+        join: Join,
         /// Seconds between stats lines (0 = none).
         #[arg(long, default_value_t = 10)]
         stats_every: u64,
-        /// STUN/TURN server URL (repeatable).
-        #[arg(long = "ice-server")]
-        ice_servers: Vec<String>,
-        /// Seconds full and unchanged before making room for a starved peer.
-        #[arg(long)]
-        rotate_after_secs: Option<u64>,
     },
+    /// Serve FILE to the pool; prints its file id, then serves until interrupted.
+    Share {
+        /// The file.
+        file: PathBuf,
+        #[command(flatten)]
+        join: Join,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch FILE_ID from the pool into PATH; exits 0 when complete and verified.
+    Get {
+        /// The file id `share` printed (64 hex digits).
+        file_id: String,
+        /// Where to write it (a partial download resumes from PATH.part).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        join: Join,
+        /// Print JSON lines instead of a progress bar.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn progress_json(p: &tidepool_node::pool::Progress) -> serde_json::Value {
+    serde_json::json!({
+        "have": p.have_bytes,
+        "total": p.total_bytes,
+        "received": p.received_bytes,
+        "duplicates": p.duplicates,
+        "missing_rounds": p.missing_rounds,
+        "sources": p.sources,
+    })
 }
 
 fn short(p: &PeerId) -> String {
     String::from_utf8_lossy(&p.0).into_owned()
+}
+
+fn node_config(j: &Join) -> NodeConfig {
+    let mut config = NodeConfig::new(j.tracker.clone(), &j.pool);
+    if j.loopback {
+        config = config.for_loopback();
+    }
+    config.max_peers = j.max_peers;
+    if let Some(secs) = j.rotate_after_secs {
+        config.rotate_after = Duration::from_secs(secs);
+    }
+    config.ice_servers = j
+        .ice_servers
+        .iter()
+        .map(|url| tidepool_node::IceServer {
+            urls: vec![url.clone()],
+            ..Default::default()
+        })
+        .collect();
+    config
+}
+
+async fn start_pool(j: &Join) -> anyhow::Result<Pool> {
+    let pool_config = PoolConfig::default();
+    let mut config = node_config(j);
+    config.max_message_size = Pool::message_size_for(pool_config.chunk_size);
+    let node = Node::join(config).await.context("joining the pool")?;
+    Ok(Pool::start(node, pool_config)?)
 }
 
 #[tokio::main]
@@ -63,35 +134,87 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Join {
-        tracker,
-        pool,
-        loopback,
-        max_peers,
-        stats_every,
-        ice_servers,
-        rotate_after_secs,
-    } = Cli::parse().command;
-    let mut config = NodeConfig::new(tracker, &pool);
-    if loopback {
-        config = config.for_loopback();
+    match Cli::parse().command {
+        Command::Join { join, stats_every } => run_join(&join, stats_every).await,
+        Command::Share { file, join, json } => {
+            let pool = start_pool(&join).await?;
+            let id = pool
+                .share(&file)
+                .with_context(|| format!("sharing {}", file.display()))?;
+            if json {
+                println!("{}", serde_json::json!({ "file_id": id.to_hex() }));
+            } else {
+                println!("sharing {} as {}", file.display(), id.to_hex());
+            }
+            tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
+        Command::Get {
+            file_id,
+            output,
+            join,
+            json,
+        } => {
+            let id = tidepool_node::pool::FileId::from_hex(&file_id)
+                .context("FILE_ID must be 64 hex digits")?;
+            let pool = start_pool(&join).await?;
+            let download = pool.get(id, &output).await?;
+            let mut progress = download.progress.clone();
+            let bar = (!json).then(|| {
+                let bar = indicatif::ProgressBar::new(progress.borrow().total_bytes);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg} ETA {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar
+            });
+            let watcher = tokio::spawn(async move {
+                while progress.changed().await.is_ok() {
+                    let p = progress.borrow_and_update().clone();
+                    match &bar {
+                        Some(bar) => {
+                            bar.set_length(p.total_bytes);
+                            bar.set_position(p.have_bytes);
+                            bar.set_message(format!("{} peers", p.sources));
+                        }
+                        None => println!("{}", progress_json(&p)),
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                if let Some(bar) = bar {
+                    bar.finish();
+                }
+            });
+            let last = download.progress.clone();
+            let result = download.finished().await;
+            watcher.abort();
+            let path = result?;
+            if json {
+                // The watcher may not have printed the final state before it was stopped.
+                println!("{}", progress_json(&last.borrow()));
+                println!(
+                    "{}",
+                    serde_json::json!({ "done": path.display().to_string() })
+                );
+            } else {
+                println!("verified and saved to {}", path.display());
+            }
+            Ok(())
+        }
     }
-    config.max_peers = max_peers;
-    if let Some(secs) = rotate_after_secs {
-        config.rotate_after = Duration::from_secs(secs);
-    }
-    config.ice_servers = ice_servers
-        .into_iter()
-        .map(|url| tidepool_node::IceServer {
-            urls: vec![url],
-            ..Default::default()
-        })
-        .collect();
-    let node = Node::join(config).await.context("joining the pool")?;
+}
+
+async fn run_join(join: &Join, stats_every: u64) -> anyhow::Result<()> {
+    let node = Node::join(node_config(join))
+        .await
+        .context("joining the pool")?;
     println!(
-        "joined pool {pool:?} as {} (info hash {})",
+        "joined pool {:?} as {} (info hash {})",
+        join.pool,
         short(&node.peer_id()),
-        tidepool_node::config::pool_info_hash(&pool).to_hex()
+        tidepool_node::config::pool_info_hash(&join.pool).to_hex()
     );
     let mut stats = tokio::time::interval(Duration::from_secs(stats_every.max(1)));
     stats.tick().await;

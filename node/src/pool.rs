@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tidepool_protocol::PeerId;
-use tidepool_protocol::pool::{ChunkRanges, FileId, FileMeta, PoolLimits, PoolMessage};
+pub use tidepool_protocol::pool::FileId;
+use tidepool_protocol::pool::{ChunkRanges, FileMeta, PoolLimits, PoolMessage};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::fetch::{Fetch, FetchConfig, FetchOutput};

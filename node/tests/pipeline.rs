@@ -197,3 +197,72 @@ async fn a_download_stopped_halfway_resumes_from_its_part_file() {
     );
     tracker.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shares_a_file_and_gets_it_with_json_progress_exiting_zero() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let _serial = one_at_a_time().await;
+    let tracker = tracker();
+    let dir = temp("cli");
+    let source = random_file(&dir, 700_000);
+    let bin = env!("CARGO_BIN_EXE_tidepool-node");
+    let url = tracker.url();
+    let common = ["--tracker", url.as_str(), "--pool", "cli", "--loopback"];
+    let mut share = Command::new(bin)
+        .arg("share")
+        .arg(&source)
+        .args(common)
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("share starts");
+    let mut lines = BufReader::new(share.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    let id: serde_json::Value = serde_json::from_str(&first).expect("JSON");
+    let id = id["file_id"].as_str().expect("file_id").to_owned();
+    assert_eq!(id.len(), 64);
+    let target = dir.join("fetched.bin");
+    let get = tokio::task::spawn_blocking({
+        let (bin, target) = (bin.to_owned(), target.clone());
+        let common: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+        move || {
+            Command::new(bin)
+                .arg("get")
+                .arg(&id)
+                .arg("-o")
+                .arg(&target)
+                .args(&common)
+                .arg("--json")
+                .output()
+                .expect("get runs")
+        }
+    });
+    let out = tokio::time::timeout(WAIT, get)
+        .await
+        .expect("in time")
+        .expect("joined");
+    let _ = share.kill();
+    let _ = share.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON");
+    assert_eq!(
+        last["done"],
+        serde_json::json!(target.display().to_string())
+    );
+    assert!(
+        stdout.lines().any(|l| l.contains("\"have\":700000")),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read(&target).expect("read"),
+        std::fs::read(&source).expect("read")
+    );
+    tracker.shutdown();
+}
