@@ -24,7 +24,7 @@ struct Cli {
 
 /// Where and how to join.
 #[derive(Debug, Args)]
-struct Join {
+struct PoolArgs {
     /// Tracker URL (ws:// or wss://).
     #[arg(long)]
     tracker: String,
@@ -50,7 +50,7 @@ enum Command {
     /// Join a pool; print peers as they come and go, and stats every interval.
     Join {
         #[command(flatten)]
-        join: Join,
+        join: PoolArgs,
         /// Seconds between stats lines (0 = none).
         #[arg(long, default_value_t = 10)]
         stats_every: u64,
@@ -60,7 +60,7 @@ enum Command {
         /// The file.
         file: PathBuf,
         #[command(flatten)]
-        join: Join,
+        join: PoolArgs,
         /// Print JSON lines instead of text.
         #[arg(long)]
         json: bool,
@@ -73,7 +73,7 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
         #[command(flatten)]
-        join: Join,
+        join: PoolArgs,
         /// Print JSON lines instead of a progress bar.
         #[arg(long)]
         json: bool,
@@ -95,7 +95,7 @@ fn short(p: &PeerId) -> String {
     String::from_utf8_lossy(&p.0).into_owned()
 }
 
-fn node_config(j: &Join) -> NodeConfig {
+fn node_config(j: &PoolArgs) -> NodeConfig {
     let mut config = NodeConfig::new(j.tracker.clone(), &j.pool);
     if j.loopback {
         config = config.for_loopback();
@@ -115,7 +115,7 @@ fn node_config(j: &Join) -> NodeConfig {
     config
 }
 
-async fn start_pool(j: &Join) -> anyhow::Result<Pool> {
+async fn start_pool(j: &PoolArgs) -> anyhow::Result<Pool> {
     let pool_config = PoolConfig::default();
     let mut config = node_config(j);
     config.max_message_size = Pool::message_size_for(pool_config.chunk_size);
@@ -206,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run_join(join: &Join, stats_every: u64) -> anyhow::Result<()> {
+async fn run_join(join: &PoolArgs, stats_every: u64) -> anyhow::Result<()> {
     let node = Node::join(node_config(join))
         .await
         .context("joining the pool")?;
@@ -261,4 +261,14 @@ async fn run_join(join: &Join, stats_every: u64) -> anyhow::Result<()> {
     }
     node.leave().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

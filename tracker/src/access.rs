@@ -74,7 +74,8 @@ impl AccessList {
             if line.is_empty() {
                 continue;
             }
-            let hash = parse_hex(line).ok_or_else(|| (i + 1, line.chars().take(60).collect()))?;
+            let hash =
+                InfoHash::from_hex(line).ok_or_else(|| (i + 1, line.chars().take(60).collect()))?;
             hashes.insert(hash);
         }
         Ok(Self { mode, hashes })
@@ -98,19 +99,6 @@ impl AccessList {
     pub fn is_empty(&self) -> bool {
         self.hashes.is_empty()
     }
-}
-
-fn parse_hex(s: &str) -> Option<InfoHash> {
-    let bytes = s.as_bytes();
-    if bytes.len() != 40 {
-        return None;
-    }
-    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = [0u8; 20];
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(InfoHash(out))
 }
 
 /// The list shared by all workers. Workers keep their own `Arc` and compare generations once
@@ -190,10 +178,10 @@ mod tests {
         let text = format!("# swarms we host\n\n{A}  # the demo\n{}\n", "f".repeat(40));
         let list = AccessList::parse(AccessListMode::Allow, &text).expect("valid");
         assert_eq!(list.len(), 2);
-        assert!(list.allows(&parse_hex(A).expect("hex")));
+        assert!(list.allows(&InfoHash::from_hex(A).expect("hex")));
         assert!(!list.allows(&InfoHash([0; 20])));
         let deny = AccessList::parse(AccessListMode::Deny, &text).expect("valid");
-        assert!(!deny.allows(&parse_hex(A).expect("hex")));
+        assert!(!deny.allows(&InfoHash::from_hex(A).expect("hex")));
         assert!(deny.allows(&InfoHash([0; 20])));
     }
 
