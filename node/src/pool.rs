@@ -124,6 +124,17 @@ struct Serve {
     file_id: FileId,
     request_id: u64,
     ranges: ChunkRanges,
+    /// A chunk relayed from upstream, already encoded for this neighbour.
+    relayed: Option<Vec<u8>>,
+}
+
+/// A request this node forwarded upstream on behalf of a neighbour.
+struct Relayed {
+    downstream: PeerId,
+    downstream_id: u64,
+    file_id: FileId,
+    upstream: PeerId,
+    outstanding: ChunkRanges,
 }
 
 #[derive(Default)]
@@ -133,6 +144,13 @@ struct State {
     catalog: HashMap<FileId, FileMeta>,
     /// What each neighbour holds of each file (from its own offers).
     holders: HashMap<FileId, HashMap<PeerId, ChunkRanges>>,
+    /// What each neighbour can fetch for us: offers it forwarded from farther holders.
+    routes: HashMap<FileId, HashMap<PeerId, ChunkRanges>>,
+    /// Requests forwarded upstream, by the id used upstream.
+    relayed: HashMap<u64, Relayed>,
+    /// The latest offer heard for each file held elsewhere, ready to pass on (hops already
+    /// spent), so a neighbour that connects later still learns where files are.
+    heard: HashMap<FileId, PoolMessage>,
     seen: HashSet<(PeerId, u64)>,
     senders: HashMap<PeerId, mpsc::Sender<Serve>>,
     cancelled: HashSet<(PeerId, u64)>,
@@ -317,6 +335,12 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
                         .filter(|a| !a.part.have().is_empty())
                         .map(|a| inner.offer(a.part.meta(), a.part.have().clone())),
                 );
+                v.extend(
+                    st.heard
+                        .iter()
+                        .filter(|(id, _)| !st.complete.contains_key(id))
+                        .map(|(_, m)| m.clone()),
+                );
                 v
             };
             for o in &offers {
@@ -330,9 +354,14 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
             }
             let mut st = inner.state();
             st.senders.remove(&peer);
-            for h in st.holders.values_mut() {
+            let State {
+                holders, routes, ..
+            } = &mut *st;
+            for h in holders.values_mut().chain(routes.values_mut()) {
                 h.remove(&peer);
             }
+            st.relayed
+                .retain(|_, r| r.downstream != peer && r.upstream != peer);
             for a in st.active.values_mut() {
                 a.fetch.remove_source(&peer);
             }
@@ -362,6 +391,26 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
         }
         Event::Receipt { .. } | Event::Tracker(_) => {}
     }
+}
+
+/// The neighbour to forward a request to: one that holds some of `rest` itself, else one
+/// that relays for a holder; never the neighbour the request came from or its requester.
+fn pick_upstream(
+    st: &State,
+    file_id: FileId,
+    from: PeerId,
+    requester: PeerId,
+    rest: &ChunkRanges,
+) -> Option<PeerId> {
+    let usable = |m: Option<&HashMap<PeerId, ChunkRanges>>| -> Option<PeerId> {
+        m?.iter()
+            .filter(|(p, have)| {
+                **p != from && **p != requester && !have.intersection(rest).is_empty()
+            })
+            .max_by_key(|(_, have)| have.intersection(rest).len())
+            .map(|(p, _)| *p)
+    };
+    usable(st.holders.get(&file_id)).or_else(|| usable(st.routes.get(&file_id)))
 }
 
 /// The queue of `peer`'s serving task, started on first use (a request can arrive before
@@ -407,6 +456,16 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
                         a.fetch.add_source(peer, have.clone());
                     }
                 }
+                if origin != peer && meta.chunk_count().is_ok() {
+                    // The neighbour forwarded someone else's offer: it can relay requests.
+                    let known = st.routes.entry(id).or_default().entry(peer).or_default();
+                    *known = known.union(&have);
+                    let via = known.clone();
+                    let direct = st.holders.get(&id).is_some_and(|h| h.contains_key(&peer));
+                    if !direct && let Some(a) = st.active.get_mut(&id) {
+                        a.fetch.add_source(peer, via);
+                    }
+                }
                 tracing::debug!(?peer, ?origin, seq, hops, "file offer");
                 if origin == inner.me() || !st.seen.insert((origin, seq)) {
                     return;
@@ -428,6 +487,7 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
                 meta,
                 have,
             };
+            inner.state().heard.insert(id, fwd.clone());
             for p in forward {
                 inner.send_control(p, &fwd);
             }
@@ -447,36 +507,115 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
         }
         PoolMessage::FileRequest {
             request_id,
+            requester,
             file_id,
             requested,
-            ..
-        }
-        | PoolMessage::ChunksMissing {
-            request_id,
-            file_id,
-            missing: requested,
+            promised,
+            from_origin,
+            hops_left,
         } => {
-            tracing::debug!(?peer, request_id, ?requested, "file request");
+            tracing::debug!(?peer, request_id, ?requested, hops_left, "file request");
             let mut st = inner.state();
-            let held = if st.complete.contains_key(&file_id) {
-                requested
-            } else if let Some(a) = st.active.get(&file_id) {
+            let complete = st.complete.contains_key(&file_id);
+            // Asked for the origin: only a complete copy answers; a relay passes it on.
+            let held = if complete {
+                requested.clone()
+            } else if let (false, Some(a)) = (from_origin, st.active.get(&file_id)) {
                 requested.intersection(a.part.have())
             } else {
                 ChunkRanges::new()
             };
-            if held.is_empty() {
+            if !held.is_empty() {
+                // A full queue drops the request; the requester re-asks when it stalls.
+                let _ = sender_for(inner, &mut st, peer).try_send(Serve {
+                    file_id,
+                    request_id,
+                    ranges: held.clone(),
+                    relayed: None,
+                });
+            }
+            let rest = requested.difference(&held).difference(&promised);
+            if rest.is_empty() || hops_left == 0 {
                 return;
             }
-            // A full queue drops the request; the requester re-asks when it stalls.
-            let _ = sender_for(inner, &mut st, peer).try_send(Serve {
-                file_id,
-                request_id,
-                ranges: held,
-            });
+            // The rest goes one hop toward a holder (never back where it came from); this
+            // node promised what it serves itself, so the origin skips those chunks.
+            let next = pick_upstream(&st, file_id, peer, requester, &rest);
+            let Some(next) = next else { return };
+            let upstream_id = fastrand::u64(1..u64::MAX / 2);
+            st.relayed.insert(
+                upstream_id,
+                Relayed {
+                    downstream: peer,
+                    downstream_id: request_id,
+                    file_id,
+                    upstream: next,
+                    outstanding: rest.clone(),
+                },
+            );
+            drop(st);
+            inner.send_control(
+                next,
+                &PoolMessage::FileRequest {
+                    request_id: upstream_id,
+                    requester,
+                    file_id,
+                    requested: rest,
+                    promised: promised.union(&held),
+                    from_origin,
+                    hops_left: hops_left - 1,
+                },
+            );
         }
-        PoolMessage::Cancel { request_id, .. } => {
-            inner.state().cancelled.insert((peer, request_id));
+        PoolMessage::ChunksMissing {
+            request_id,
+            file_id,
+            missing,
+        } => {
+            let mut st = inner.state();
+            let held = if st.complete.contains_key(&file_id) {
+                missing
+            } else if let Some(a) = st.active.get(&file_id) {
+                missing.intersection(a.part.have())
+            } else {
+                ChunkRanges::new()
+            };
+            if !held.is_empty() {
+                let _ = sender_for(inner, &mut st, peer).try_send(Serve {
+                    file_id,
+                    request_id,
+                    ranges: held,
+                    relayed: None,
+                });
+            }
+        }
+        PoolMessage::Cancel {
+            request_id,
+            file_id,
+        } => {
+            let upstream: Vec<(u64, PeerId)> = {
+                let mut st = inner.state();
+                st.cancelled.insert((peer, request_id));
+                let ids: Vec<(u64, PeerId)> = st
+                    .relayed
+                    .iter()
+                    .filter(|(_, r)| r.downstream == peer && r.downstream_id == request_id)
+                    .map(|(id, r)| (*id, r.upstream))
+                    .collect();
+                for (id, _) in &ids {
+                    st.relayed.remove(id);
+                }
+                ids
+            };
+            for (id, up) in upstream {
+                inner.send_control(
+                    up,
+                    &PoolMessage::Cancel {
+                        request_id: id,
+                        file_id,
+                    },
+                );
+            }
         }
         PoolMessage::Chunk { .. } => {}
     }
@@ -494,6 +633,52 @@ fn on_chunk(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
         return;
     };
     let mut st = inner.state();
+    if st
+        .relayed
+        .get(&request_id)
+        .is_some_and(|r| r.file_id == file_id && r.upstream == peer)
+    {
+        let Some(meta) = st.catalog.get(&file_id).cloned() else {
+            return;
+        };
+        // Relays verify too: a bad chunk stops here, and its sender is dropped.
+        if let Err(e) = meta.verify_chunk(index, &data, &proof) {
+            drop(st);
+            inner.bad_chunks.fetch_add(1, Relaxed);
+            drop_peer(
+                inner,
+                peer,
+                &format!("relayed chunk {index} failed verification: {e}"),
+            );
+            return;
+        }
+        let Some(r) = st.relayed.get_mut(&request_id) else {
+            return;
+        };
+        r.outstanding.remove(index..index + 1);
+        let (downstream, downstream_id) = (r.downstream, r.downstream_id);
+        if r.outstanding.is_empty() {
+            st.relayed.remove(&request_id);
+        }
+        let mut buf = Vec::with_capacity(data.len() + 64 + 32 * proof.len());
+        PoolMessage::Chunk {
+            file_id,
+            request_id: downstream_id,
+            index,
+            proof,
+            data,
+        }
+        .encode(&mut buf);
+        // Through the neighbour's bounded queue: a slow downstream drops relayed chunks
+        // (it re-asks for exactly those) instead of growing memory here.
+        let _ = sender_for(inner, &mut st, downstream).try_send(Serve {
+            file_id,
+            request_id: downstream_id,
+            ranges: ChunkRanges::new(),
+            relayed: Some(buf),
+        });
+        return;
+    }
     let Some(a) = st.active.get_mut(&file_id) else {
         return;
     };
@@ -545,19 +730,27 @@ fn on_tick(inner: &Arc<Inner>) {
         let mut st = inner.state();
         start_waiting(inner, &mut st);
         let neighbours: Vec<PeerId> = st.senders.keys().copied().collect();
-        // Holders repeat their offers now and then (to neighbours only): an offer lost to a
-        // connection that was being replaced is not lost for good.
+        // Offers are repeated now and then, so one that was lost is not lost for good.
         if st
             .last_complete_offer
             .is_none_or(|t| now.duration_since(t) >= inner.config.reoffer_interval * 5)
         {
             st.last_complete_offer = Some(now);
+            // Offers heard from farther away too: re-sent with their original sequence
+            // number, so only neighbours that missed them act on them.
+            for (id, m) in &st.heard {
+                if !st.complete.contains_key(id) {
+                    for p in &neighbours {
+                        sends.push((*p, m.clone()));
+                    }
+                }
+            }
+            // Holders re-announce with a fresh sequence number and the full hop budget, so
+            // the offer spreads again past relays (seen: an offer sent the moment a channel
+            // opened did not arrive).
             for f in st.complete.values() {
                 if let Ok(n) = f.meta().chunk_count() {
-                    let mut offer = inner.offer(f.meta(), ChunkRanges::full(n));
-                    if let PoolMessage::FileOffer { hops, .. } = &mut offer {
-                        *hops = 0;
-                    }
+                    let offer = inner.offer(f.meta(), ChunkRanges::full(n));
                     for p in &neighbours {
                         sends.push((*p, offer.clone()));
                     }
@@ -585,7 +778,7 @@ fn on_tick(inner: &Arc<Inner>) {
                             requested: ranges,
                             promised: ChunkRanges::new(),
                             from_origin,
-                            hops_left: 0,
+                            hops_left: inner.config.offer_hops,
                         },
                     )),
                     FetchOutput::Cancel { source, request_id } => sends.push((
@@ -655,6 +848,12 @@ fn start_waiting(inner: &Arc<Inner>, st: &mut State) {
         });
         match started {
             Ok((part, mut fetch)) => {
+                if let Some(r) = st.routes.get(&id) {
+                    for (p, via) in r {
+                        fetch.add_source(*p, via.clone());
+                    }
+                }
+                // Direct holders last, so they replace what was known as a route.
                 if let Some(h) = st.holders.get(&id) {
                     for (p, have) in h {
                         fetch.add_source(*p, have.clone());
@@ -725,6 +924,17 @@ fn finish(inner: &Arc<Inner>, id: FileId) {
 async fn serve_peer(inner: Arc<Inner>, peer: PeerId, mut rx: mpsc::Receiver<Serve>) {
     let mut buf = Vec::with_capacity(inner.config.chunk_size as usize + 2048);
     while let Some(req) = rx.recv().await {
+        if let Some(frame) = req.relayed {
+            if inner
+                .node
+                .send(peer, Channel::Chunks, &frame)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
         for index in req.ranges.iter() {
             let chunk = {
                 let mut st = inner.state();

@@ -266,3 +266,56 @@ async fn the_cli_shares_a_file_and_gets_it_with_json_progress_exiting_zero() {
     );
     tracker.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downloader_with_no_holder_among_its_neighbours_fetches_through_a_relay() {
+    let _serial = one_at_a_time().await;
+    let tracker = tracker();
+    let dir = temp("relay");
+    let source = random_file(&dir, 1_500_000);
+    // A chain: seeder (one slot) – relay (two) – downloader (one). Nobody makes room.
+    let cfg = |max: usize| {
+        let mut c = node_config(&tracker, "relay");
+        c.max_peers = max;
+        c.rotate_after = Duration::from_secs(600);
+        c
+    };
+    let seeder = pool(cfg(1), pool_config()).await;
+    let id = seeder.share(&source).expect("shares");
+    let relay = pool(cfg(2), pool_config()).await;
+    eventually("seeder and relay connected", || {
+        seeder.node().connected_peers().len() == 1
+    })
+    .await;
+    let downloader = pool(cfg(1), pool_config()).await;
+    eventually("downloader behind the relay", || {
+        downloader.node().connected_peers() == vec![relay.node().peer_id()]
+    })
+    .await;
+    assert!(
+        !downloader
+            .node()
+            .connected_peers()
+            .contains(&seeder.node().peer_id())
+    );
+    let target = dir.join("copy.bin");
+    let download = tokio::time::timeout(WAIT, downloader.get(id, &target))
+        .await
+        .expect("the relay passes the offer on")
+        .expect("starts");
+    let progress = download.progress.clone();
+    let path = tokio::time::timeout(WAIT, download.finished())
+        .await
+        .expect("in time")
+        .expect("verified");
+    assert_eq!(
+        std::fs::read(path).expect("read"),
+        std::fs::read(&source).expect("read")
+    );
+    let p = progress.borrow().clone();
+    assert!(
+        p.received_bytes as f64 <= 1.05 * p.total_bytes as f64,
+        "{p:?}"
+    );
+    tracker.shutdown();
+}
