@@ -393,6 +393,36 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
     }
 }
 
+/// Queues for `peer` the chunks of `wanted` this node holds, and returns them. Asked for
+/// the origin, only a complete copy answers (a partial one leaves it to the relay path). A
+/// full queue drops the work; the requester re-asks when it stalls.
+fn serve_held(
+    inner: &Arc<Inner>,
+    st: &mut State,
+    peer: PeerId,
+    file_id: FileId,
+    request_id: u64,
+    wanted: &ChunkRanges,
+    from_origin: bool,
+) -> ChunkRanges {
+    let held = if st.complete.contains_key(&file_id) {
+        wanted.clone()
+    } else if let (false, Some(a)) = (from_origin, st.active.get(&file_id)) {
+        wanted.intersection(a.part.have())
+    } else {
+        ChunkRanges::new()
+    };
+    if !held.is_empty() {
+        let _ = sender_for(inner, st, peer).try_send(Serve {
+            file_id,
+            request_id,
+            ranges: held.clone(),
+            relayed: None,
+        });
+    }
+    held
+}
+
 /// The neighbour to forward a request to: one that holds some of `rest` itself, else one
 /// that relays for a holder; never the neighbour the request came from or its requester.
 fn pick_upstream(
@@ -516,24 +546,15 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
         } => {
             tracing::debug!(?peer, request_id, ?requested, hops_left, "file request");
             let mut st = inner.state();
-            let complete = st.complete.contains_key(&file_id);
-            // Asked for the origin: only a complete copy answers; a relay passes it on.
-            let held = if complete {
-                requested.clone()
-            } else if let (false, Some(a)) = (from_origin, st.active.get(&file_id)) {
-                requested.intersection(a.part.have())
-            } else {
-                ChunkRanges::new()
-            };
-            if !held.is_empty() {
-                // A full queue drops the request; the requester re-asks when it stalls.
-                let _ = sender_for(inner, &mut st, peer).try_send(Serve {
-                    file_id,
-                    request_id,
-                    ranges: held.clone(),
-                    relayed: None,
-                });
-            }
+            let held = serve_held(
+                inner,
+                &mut st,
+                peer,
+                file_id,
+                request_id,
+                &requested,
+                from_origin,
+            );
             let rest = requested.difference(&held).difference(&promised);
             if rest.is_empty() || hops_left == 0 {
                 return;
@@ -573,21 +594,7 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
             missing,
         } => {
             let mut st = inner.state();
-            let held = if st.complete.contains_key(&file_id) {
-                missing
-            } else if let Some(a) = st.active.get(&file_id) {
-                missing.intersection(a.part.have())
-            } else {
-                ChunkRanges::new()
-            };
-            if !held.is_empty() {
-                let _ = sender_for(inner, &mut st, peer).try_send(Serve {
-                    file_id,
-                    request_id,
-                    ranges: held,
-                    relayed: None,
-                });
-            }
+            serve_held(inner, &mut st, peer, file_id, request_id, &missing, false);
         }
         PoolMessage::Cancel {
             request_id,
