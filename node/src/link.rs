@@ -40,8 +40,10 @@ pub(crate) struct Link {
     /// Set once the answer is in (offerer) or the offer accepted (answerer).
     pub(crate) peer: std::sync::OnceLock<PeerId>,
     pub(crate) initiated_by_us: bool,
-    /// Channels open so far (both = established).
+    /// Channels confirmed so far (a frame from the peer arrived on it; both = established).
     pub(crate) open_channels: AtomicU8,
+    /// Per channel: the peer's first frame has arrived.
+    pub(crate) confirmed: [AtomicBool; 2],
     pub(crate) established: AtomicBool,
     pub(crate) established_at: std::sync::OnceLock<Instant>,
     /// Milliseconds since the node started at which the peer was last heard from.
@@ -209,6 +211,7 @@ pub(crate) async fn build(
         peer: std::sync::OnceLock::new(),
         initiated_by_us,
         open_channels: AtomicU8::new(0),
+        confirmed: Default::default(),
         established: AtomicBool::new(false),
         established_at: std::sync::OnceLock::new(),
         last_heard_ms: AtomicU64::new(inner.now_ms()),
@@ -243,9 +246,19 @@ async fn pump(inner: Arc<Inner>, link: Arc<Link>, channel: Channel) {
     while let Some(event) = dc.poll().await {
         match event {
             DataChannelEvent::OnOpen => {
-                let _ = inner
-                    .core_tx
-                    .send(CoreMsg::ChannelOpen { link_id: link.id });
+                // Hello until the peer's first frame shows its end is open too; only then
+                // is the channel counted (a message sent earlier can be lost in the stack).
+                let (inner, link) = (inner.clone(), link.clone());
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + inner.config.connect_timeout;
+                    while !link.confirmed[channel as usize].load(Relaxed)
+                        && !link.closed.load(Relaxed)
+                        && Instant::now() < deadline
+                    {
+                        let _ = link.channel(channel).try_send(wire::hello(false)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
             }
             DataChannelEvent::OnMessage(msg) => {
                 if let Err(e) = on_message(&inner, &link, channel, msg.data.freeze()).await {
@@ -276,12 +289,25 @@ async fn on_message(
     let Some(&peer) = link.peer.get() else {
         return Err("message before the peer was known".into());
     };
-    let c = link.counters(channel);
-    c.messages_in.fetch_add(1, Relaxed);
-    c.bytes_in.fetch_add(data.len() as u64, Relaxed);
+    let len = data.len() as u64;
     link.last_heard_ms.store(inner.now_ms(), Relaxed);
     let frame = wire::decode(data).map_err(|e| format!("bad frame from peer: {e}"))?;
+    // The opening handshake is the library's, not traffic: it is not counted.
+    if !matches!(frame, Frame::Hello | Frame::HelloAck) {
+        let c = link.counters(channel);
+        c.messages_in.fetch_add(1, Relaxed);
+        c.bytes_in.fetch_add(len, Relaxed);
+    }
+    if !link.confirmed[channel as usize].swap(true, Relaxed) {
+        let _ = inner
+            .core_tx
+            .send(CoreMsg::ChannelOpen { link_id: link.id });
+    }
     match frame {
+        Frame::Hello => {
+            let _ = link.channel(channel).try_send(wire::hello(true)).await;
+        }
+        Frame::HelloAck => {}
         Frame::Data {
             flags: f,
             id,

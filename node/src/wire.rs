@@ -10,6 +10,8 @@ const KIND_DATA: u8 = 0;
 const KIND_RECEIPT: u8 = 1;
 const KIND_PING: u8 = 2;
 const KIND_PONG: u8 = 3;
+const KIND_HELLO: u8 = 4;
+const KIND_HELLO_ACK: u8 = 5;
 
 /// Flags on a data frame.
 pub mod flags {
@@ -53,6 +55,11 @@ pub enum Frame {
     Ping(u64),
     /// The answer to a ping.
     Pong(u64),
+    /// Sent on a channel until the peer's first frame arrives on it: proves the peer
+    /// opened its end (data sent before that can be lost in the WebRTC stack).
+    Hello,
+    /// The answer to a hello.
+    HelloAck,
 }
 
 /// Why a frame could not be decoded.
@@ -118,12 +125,21 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(x)
 }
 
+/// A hello (`ack == false`) or its answer.
+pub fn hello(ack: bool) -> BytesMut {
+    let mut out = BytesMut::with_capacity(1);
+    out.put_u8(if ack { KIND_HELLO_ACK } else { KIND_HELLO });
+    out
+}
+
 /// Decodes one message as received from a data channel.
 pub fn decode(msg: Bytes) -> Result<Frame, FrameError> {
     let kind = *msg.first().ok_or(FrameError::Empty)?;
     let need = match kind {
         KIND_DATA | KIND_RECEIPT => 10,
         KIND_PING | KIND_PONG => 9,
+        KIND_HELLO => return Ok(Frame::Hello),
+        KIND_HELLO_ACK => return Ok(Frame::HelloAck),
         other => return Err(FrameError::UnknownKind(other)),
     };
     if msg.len() < need {
@@ -176,6 +192,8 @@ mod tests {
         );
         assert_eq!(decode(heartbeat(false, 9).freeze()), Ok(Frame::Ping(9)));
         assert_eq!(decode(heartbeat(true, 9).freeze()), Ok(Frame::Pong(9)));
+        assert_eq!(decode(hello(false).freeze()), Ok(Frame::Hello));
+        assert_eq!(decode(hello(true).freeze()), Ok(Frame::HelloAck));
         let empty = data(0, 1, b"").freeze();
         assert!(matches!(decode(empty), Ok(Frame::Data { payload, .. }) if payload.is_empty()));
     }
