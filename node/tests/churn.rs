@@ -76,11 +76,7 @@ async fn a_killed_node_is_noticed_by_heartbeat_and_replaced_from_new_offers() {
     a.send(replacement, Channel::Control, b"still here")
         .await
         .expect("send");
-    let got = expect_event(&b, |e| match e {
-        Event::Message { data, .. } => Some(data.clone()),
-        _ => None,
-    })
-    .await;
+    let got = next_message(&b).await;
     assert_eq!(&got[..], b"still here");
     a.leave().await;
     b.leave().await;
@@ -105,12 +101,7 @@ async fn a_tracker_restart_drops_no_peer_connection() {
     a.send(b_id, Channel::Chunks, b"during the outage")
         .await
         .expect("send");
-    let got = expect_event(&b, |e| match e {
-        Event::Message { data, .. } => Some(data.clone()),
-        Event::PeerDisconnected { .. } => panic!("peer dropped during the outage"),
-        _ => None,
-    })
-    .await;
+    let got = next_message(&b).await;
     assert_eq!(&got[..], b"during the outage");
 
     let second = tracker_on(&addr.to_string());
@@ -125,12 +116,7 @@ async fn a_tracker_restart_drops_no_peer_connection() {
     b.send(a_id, Channel::Control, b"after the restart")
         .await
         .expect("send");
-    let got = expect_event(&a, |e| match e {
-        Event::Message { data, .. } => Some(data.clone()),
-        Event::PeerDisconnected { .. } => panic!("peer dropped across the restart"),
-        _ => None,
-    })
-    .await;
+    let got = next_message(&a).await;
     assert_eq!(&got[..], b"after the restart");
     assert_eq!(a.connected_peers(), vec![b_id]);
     assert!(a.stats().tracker_connected && b.stats().tracker_connected);
@@ -250,11 +236,7 @@ async fn glare_both_offering_at_once_settles_on_one_working_connection() {
     a.send(b_id, Channel::Control, b"one connection")
         .await
         .expect("send");
-    let got = expect_event(&b, |e| match e {
-        Event::Message { data, .. } => Some(data.clone()),
-        _ => None,
-    })
-    .await;
+    let got = next_message(&b).await;
     assert_eq!(&got[..], b"one connection");
     a.leave().await;
     b.leave().await;

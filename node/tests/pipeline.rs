@@ -56,6 +56,18 @@ fn pool_config() -> PoolConfig {
     p
 }
 
+/// Starts a download, failing the test if no offer of the file arrives in time.
+async fn start_get(
+    pool: &Pool,
+    id: tidepool_node::pool::FileId,
+    target: &Path,
+) -> tidepool_node::pool::Download {
+    tokio::time::timeout(WAIT, pool.get(id, target))
+        .await
+        .expect("an offer of the file arrives")
+        .expect("the download starts")
+}
+
 async fn pool(c: NodeConfig, p: PoolConfig) -> Pool {
     Pool::start(Node::join(c).await.expect("joins"), p).expect("pool starts")
 }
@@ -75,13 +87,7 @@ async fn a_seeder_and_three_downloaders_all_finish_identical_with_few_duplicates
     let mut handles = Vec::new();
     for (i, d) in downloaders.iter().enumerate() {
         let target = dir.join(format!("copy-{i}.bin"));
-        handles.push((
-            tokio::time::timeout(WAIT, d.get(id, &target))
-                .await
-                .expect("offer arrives")
-                .expect("starts"),
-            target,
-        ));
+        handles.push((start_get(d, id, &target).await, target));
     }
     let want = std::fs::read(&source).expect("read");
     for (download, target) in handles {
@@ -119,10 +125,7 @@ async fn a_peer_sending_corrupted_chunks_is_dropped_and_the_file_still_verifies(
     let id = liar.share(&source).expect("shares");
     let downloader = pool(node_config(&tracker, "corrupt"), pool_config()).await;
     let target = dir.join("copy.bin");
-    let download = tokio::time::timeout(WAIT, downloader.get(id, &target))
-        .await
-        .expect("offer arrives")
-        .expect("starts");
+    let download = start_get(&downloader, id, &target).await;
     eventually("a bad chunk is caught", || downloader.bad_chunks() > 0).await;
     assert!(downloader.dropped_peers() >= 1, "the liar was disconnected");
     assert_eq!(
@@ -154,10 +157,7 @@ async fn a_download_stopped_halfway_resumes_from_its_part_file() {
     let id = seeder.share(&source).expect("shares");
     let target = dir.join("copy.bin");
     let first = pool(node_config(&tracker, "resume"), pool_config()).await;
-    let download = tokio::time::timeout(WAIT, first.get(id, &target))
-        .await
-        .expect("offer arrives")
-        .expect("starts");
+    let download = start_get(&first, id, &target).await;
     let mut progress = download.progress.clone();
     let total = std::fs::metadata(&source).expect("stat").len();
     tokio::time::timeout(WAIT, progress.wait_for(|p| p.have_bytes >= total / 3))
@@ -172,10 +172,7 @@ async fn a_download_stopped_halfway_resumes_from_its_part_file() {
     assert!(dir.join("copy.bin.part.state").exists());
 
     let second = pool(node_config(&tracker, "resume"), pool_config()).await;
-    let download = tokio::time::timeout(WAIT, second.get(id, &target))
-        .await
-        .expect("offer arrives")
-        .expect("starts");
+    let download = start_get(&second, id, &target).await;
     let resumed_from = download.progress.borrow().have_bytes;
     assert!(
         resumed_from >= total / 3,

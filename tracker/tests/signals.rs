@@ -7,12 +7,10 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use tokio_tungstenite::{Connector, MaybeTlsStream};
 
 fn hex(id: &str) -> String {
     id.chars().map(|c| format!("{:02x}", c as u32)).collect()
@@ -81,40 +79,9 @@ fn spawn(config: &std::path::Path) -> (Proc, SocketAddr, SocketAddr) {
 
 /// Connects over wss trusting `roots`; returns the client and the certificate it was shown.
 async fn wss(port: u16, roots: &[&[u8]]) -> (Client, Vec<u8>) {
-    let mut store = rustls::RootCertStore::empty();
-    for der in roots {
-        store.add(der.to_vec().into()).expect("root");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    let (ws, _) = tokio::time::timeout(
-        WAIT,
-        tokio_tungstenite::connect_async_tls_with_config(
-            format!("wss://localhost:{port}"),
-            None,
-            false,
-            Some(Connector::Rustls(Arc::new(config))),
-        ),
-    )
-    .await
-    .expect("in time")
-    .expect("wss handshake");
-    let shown = match ws.get_ref() {
-        MaybeTlsStream::Rustls(tls) => tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c| c.to_vec())
-            .expect("a certificate"),
-        _ => panic!("not TLS"),
-    };
-    (Client { ws }, shown)
+    let client = Client::connect_wss(&format!("wss://localhost:{port}"), roots).await;
+    let shown = client.server_certificate();
+    (client, shown)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,11 +3,8 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use serde_json::json;
-use tokio_tungstenite::Connector;
 
 fn tls_files() -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
@@ -32,28 +29,7 @@ fn fastrand_suffix() -> u64 {
 }
 
 async fn wss_client(url: &str, der: &[u8]) -> Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der.to_vec().into()).expect("root added");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let (ws, _) = tokio::time::timeout(
-        WAIT,
-        tokio_tungstenite::connect_async_tls_with_config(
-            url,
-            None,
-            false,
-            Some(Connector::Rustls(Arc::new(config))),
-        ),
-    )
-    .await
-    .expect("in time")
-    .expect("wss handshake");
-    Client { ws }
+    Client::connect_wss(url, &[der]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

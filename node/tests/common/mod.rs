@@ -53,6 +53,18 @@ pub async fn expect_event<T>(node: &Node, mut pick: impl FnMut(&Event) -> Option
     }
 }
 
+/// The next message's payload; a disconnect meanwhile fails the test.
+pub async fn next_message(node: &Node) -> tidepool_node::Bytes {
+    expect_event(node, |e| match e {
+        Event::Message { data, .. } => Some(data.clone()),
+        Event::PeerDisconnected { peer, reason } => {
+            panic!("peer {peer:?} dropped while waiting for a message: {reason:?}")
+        }
+        _ => None,
+    })
+    .await
+}
+
 pub async fn connected_to(node: &Node) -> PeerId {
     expect_event(node, |e| match e {
         Event::PeerConnected { peer } => Some(*peer),

@@ -109,6 +109,50 @@ impl Client {
         }
     }
 
+    /// Connects over wss to `url`, trusting only the DER certificates in `roots`.
+    pub async fn connect_wss(url: &str, roots: &[&[u8]]) -> Client {
+        let mut store = rustls::RootCertStore::empty();
+        for der in roots {
+            store.add(der.to_vec().into()).expect("root added");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async_tls_with_config(
+                url,
+                None,
+                false,
+                Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
+                    config,
+                ))),
+            ),
+        )
+        .await
+        .expect("in time")
+        .expect("wss handshake");
+        Client { ws }
+    }
+
+    /// The certificate the server showed, for a wss client.
+    pub fn server_certificate(&self) -> Vec<u8> {
+        match self.ws.get_ref() {
+            MaybeTlsStream::Rustls(tls) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec())
+                .expect("a certificate"),
+            _ => panic!("not TLS"),
+        }
+    }
+
     pub async fn announce(&mut self, info_hash: &str, peer_id: &str, extra: Value) -> Value {
         self.send(announce_msg(info_hash, peer_id, extra)).await;
         self.recv().await
