@@ -37,6 +37,12 @@ enum Command {
         #[command(flatten)]
         options: tidepool_load_test::idle::IdleConfig,
     },
+    /// Run a pool campaign: a tracker, seeders and fetchers (release `tidepool-node`
+    /// processes) on loopback, optional churn; writes results.json and report.html.
+    Pool {
+        #[command(flatten)]
+        options: tidepool_load_test::pool_run::PoolRunConfig,
+    },
     /// Build the side-by-side table and chart from a campaign's runs file.
     Report {
         /// JSON-lines file written by benchmarks/compare-trackers.
@@ -90,6 +96,29 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(
                 opened == want,
                 "only {opened} of {want} connections announced"
+            );
+            Ok(())
+        }
+        Command::Pool { options } => {
+            let out = options.out.clone();
+            let runtime = tokio::runtime::Runtime::new()?;
+            let result = runtime.block_on(tidepool_load_test::pool_run::run(options))?;
+            let s = &result.summary;
+            println!(
+                "{} of {} fetchers verified; completion p50 {:.1?} s, max {:.1?} s; goodput {:.1} MiB/s; duplicates {:.2}%; chunks-missing rounds {}; peak RSS {} MiB; results in {}",
+                s.completed,
+                s.survivors,
+                s.completion_p50,
+                s.completion_max,
+                s.goodput_mib_s,
+                s.duplicate_ratio * 100.0,
+                s.missing_rounds,
+                s.peak_rss_kib_max / 1024,
+                out.display()
+            );
+            anyhow::ensure!(
+                result.all_verified,
+                "not every surviving node finished with a verified file"
             );
             Ok(())
         }

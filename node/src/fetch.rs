@@ -6,7 +6,8 @@
 //! Policy (DESIGN §5): requests are spread over every source that holds the chunks, at most
 //! `max_in_flight` chunks per source, so a download uses the mesh rather than one path. A
 //! request that makes no progress for `missing_after` is re-requested — exactly its missing
-//! ranges, from another source when there is one; after `origin_after` misses in a row the
+//! ranges: from another source when one holds them, else from the same source with a
+//! chunks-missing report on the same request; after `origin_after` misses in a row the
 //! re-request asks the origin directly; with no progress at all for `give_up_after` the
 //! download fails with a clear error.
 
@@ -55,6 +56,16 @@ pub enum FetchOutput<P> {
         /// Which re-request this is (0 for the first ask).
         attempt: u32,
     },
+    /// Tell `source` which chunks of `request_id` have not arrived (chunksMissing); the
+    /// request stays open with it.
+    Missing {
+        /// Where to.
+        source: P,
+        /// The stalled request.
+        request_id: u64,
+        /// Exactly the chunks still outstanding.
+        ranges: ChunkRanges,
+    },
     /// Tell `source` to stop sending for `request_id` (its chunks were reassigned).
     Cancel {
         /// Where to.
@@ -82,7 +93,9 @@ pub struct Fetch<P> {
     config: FetchConfig,
     all: ChunkRanges,
     have: ChunkRanges,
-    sources: Vec<(P, ChunkRanges)>,
+    /// Each source, the chunks it holds itself, and the chunks it can fetch from farther
+    /// away on our behalf (a relay). A neighbour can be both.
+    sources: Vec<(P, ChunkRanges, ChunkRanges)>,
     in_flight: HashMap<u64, InFlight<P>>,
     /// Ranges waiting for a source, with the attempt count they carry.
     waiting: Vec<(ChunkRanges, u32)>,
@@ -137,23 +150,61 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
         self.sources.len()
     }
 
+    /// Whether chunk `index` is neither held nor asked of anyone yet (a copy that passes
+    /// through this node for someone else is worth keeping then).
+    pub fn unrequested(&self, index: u32) -> bool {
+        self.all.contains(index)
+            && !self.have.contains(index)
+            && !self
+                .in_flight
+                .values()
+                .any(|f| f.outstanding.contains(index))
+    }
+
     /// Whether every chunk is in.
     pub fn is_complete(&self) -> bool {
         self.have == self.all
     }
 
-    /// `source` can serve `ranges` (what it holds, or everything for a relay that fetches
-    /// on our behalf). Replaces what was known about it.
+    /// `source` holds `ranges` itself. Replaces what was known it holds.
     pub fn add_source(&mut self, source: P, ranges: ChunkRanges) {
-        match self.sources.iter_mut().find(|(s, _)| *s == source) {
+        match self.sources.iter_mut().find(|(s, ..)| *s == source) {
             Some(entry) => entry.1 = ranges,
-            None => self.sources.push((source, ranges)),
+            None => self.sources.push((source, ranges, ChunkRanges::new())),
         }
+    }
+
+    /// `source` can fetch `ranges` from farther away for us. It is asked for those only
+    /// when no source holds them itself: a relay adds a path, not a copy, and every byte
+    /// it passes on costs the pool twice. Replaces what was known it relays.
+    pub fn add_relay(&mut self, source: P, ranges: ChunkRanges) {
+        match self.sources.iter_mut().find(|(s, ..)| *s == source) {
+            Some(entry) => entry.2 = ranges,
+            None => self.sources.push((source, ChunkRanges::new(), ranges)),
+        }
+    }
+
+    /// Starts handing out chunks at `index` rather than at the first missing one (wrapping
+    /// around), so downloads that start together fetch different chunks first and have
+    /// something to trade.
+    pub fn start_at(&mut self, index: u32) {
+        let n = self.all.len() as u32;
+        if n == 0 {
+            return;
+        }
+        let index = index % n;
+        let mut rotated = Vec::new();
+        for (w, attempt) in std::mem::take(&mut self.waiting) {
+            rotated.push((w.intersection(&ChunkRanges::from_range(index..n)), attempt));
+            rotated.push((w.intersection(&ChunkRanges::from_range(0..index)), attempt));
+        }
+        rotated.retain(|(w, _)| !w.is_empty());
+        self.waiting = rotated;
     }
 
     /// `source` is gone: what it owed goes back to the waiting list at once.
     pub fn remove_source(&mut self, source: &P) {
-        self.sources.retain(|(s, _)| s != source);
+        self.sources.retain(|(s, ..)| s != source);
         let lost: Vec<u64> = self
             .in_flight
             .iter()
@@ -231,14 +282,36 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             .map(|(id, _)| *id)
             .collect();
         for id in stalled {
+            let Some(f) = self.in_flight.get_mut(&id) else {
+                continue;
+            };
+            self.missing_rounds += 1;
+            let attempt = f.attempt + 1;
+            // Nobody else holds these chunks: tell the same source exactly what is missing
+            // (chunksMissing keeps the request and its relay path), until it is time to ask
+            // the origin with a fresh request.
+            let source = f.source.clone();
+            let elsewhere = self.sources.iter().any(|(s, holds, via)| {
+                *s != source && !holds.union(via).intersection(&f.outstanding).is_empty()
+            });
+            let still_source = self.sources.iter().any(|(s, ..)| *s == source);
+            if attempt < self.config.origin_after && still_source && !elsewhere {
+                f.attempt = attempt;
+                f.last_progress = now;
+                out.push(FetchOutput::Missing {
+                    source,
+                    request_id: id,
+                    ranges: f.outstanding.clone(),
+                });
+                continue;
+            }
             if let Some(f) = self.in_flight.remove(&id) {
-                self.missing_rounds += 1;
                 out.push(FetchOutput::Cancel {
                     source: f.source.clone(),
                     request_id: id,
                 });
                 // Prefer someone else next time: rotate past the silent source.
-                if let Some(pos) = self.sources.iter().position(|(s, _)| *s == f.source) {
+                if let Some(pos) = self.sources.iter().position(|(s, ..)| *s == f.source) {
                     self.next_source = pos + 1;
                 }
                 self.waiting.push((f.outstanding, f.attempt + 1));
@@ -256,11 +329,16 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
         let mut waiting = std::mem::take(&mut self.waiting);
         waiting.retain(|(w, _)| !w.is_empty());
         let n = self.sources.len();
+        let direct = self
+            .sources
+            .iter()
+            .fold(ChunkRanges::new(), |acc, (_, holds, _)| acc.union(holds));
         let mut idle_rounds = 0;
         while !waiting.is_empty() && idle_rounds < n {
             let i = self.next_source % n;
             self.next_source = i + 1;
-            let (source, holds) = self.sources[i].clone();
+            let (source, holds, via) = self.sources[i].clone();
+            let holds = holds.union(&via.difference(&direct));
             let busy: u64 = self
                 .in_flight
                 .values()
@@ -422,6 +500,66 @@ mod tests {
         assert_eq!(last[0].2, vec![1, 3]);
         assert!(last[0].3, "third miss in a row asks from_origin");
         assert_eq!(f.missing_rounds, 3);
+    }
+
+    #[test]
+    fn a_lone_source_gets_chunks_missing_on_the_same_request_then_an_origin_request() {
+        let t = Instant::now();
+        let mut cfg = config();
+        cfg.max_in_flight = 10;
+        let mut f = Fetch::new(&meta(4), ChunkRanges::new(), cfg, t, 1).expect("shape");
+        f.add_source(1u8, ChunkRanges::full(4));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        assert!(f.on_chunk(t, 1, 1));
+        let mut now = t;
+        for round in 1..=2 {
+            now += Duration::from_secs(5);
+            out.clear();
+            f.poll(now, &mut out);
+            assert_eq!(
+                out,
+                vec![FetchOutput::Missing {
+                    source: 1,
+                    request_id: 1,
+                    ranges: [0, 2, 3].into_iter().collect(),
+                }],
+                "round {round}"
+            );
+        }
+        // A chunk on the open request still counts.
+        assert!(f.on_chunk(now, 1, 2));
+        now += Duration::from_secs(5);
+        out.clear();
+        f.poll(now, &mut out);
+        assert!(out.contains(&FetchOutput::Cancel {
+            source: 1,
+            request_id: 1
+        }));
+        assert_eq!(requests(&out), vec![(1, 2, vec![0, 3], true)]);
+        assert_eq!(f.missing_rounds, 3);
+    }
+
+    #[test]
+    fn relays_get_only_what_no_direct_source_holds_and_starts_are_rotated() {
+        let t = Instant::now();
+        let mut cfg = config();
+        cfg.max_in_flight = 10;
+        let mut f = Fetch::new(&meta(6), ChunkRanges::new(), cfg, t, 1).expect("shape");
+        f.start_at(4);
+        f.add_relay(1u8, ChunkRanges::full(6));
+        f.add_source(2u8, ChunkRanges::from_range(0..3));
+        // A neighbour can hold some chunks and relay others: here nothing is left to relay.
+        f.add_source(3u8, ChunkRanges::from_range(5..6));
+        f.add_relay(3u8, ChunkRanges::full(6));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        let mut r: Vec<(u8, Vec<u32>)> = requests(&out).into_iter().map(|x| (x.0, x.2)).collect();
+        r.sort();
+        assert_eq!(
+            r,
+            vec![(1, vec![3]), (1, vec![4]), (2, vec![0, 1, 2]), (3, vec![5])]
+        );
     }
 
     #[test]

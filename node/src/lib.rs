@@ -17,6 +17,7 @@
 //! - [`pool`]: the chunk pipeline's I/O shell ([`pool::Pool`]: share and get files).
 //! - [`store`]: shared files with their hash trees, and downloads verified chunk by chunk
 //!   into `NAME.part` with a resumable state file.
+//! - [`cache`]: the relay cache, chunks passed on for others kept on disk within a budget.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tidepool_node::NodeError> {
@@ -42,6 +43,7 @@
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
 
+pub mod cache;
 pub mod config;
 pub mod fetch;
 mod link;

@@ -1,6 +1,8 @@
 //! `tidepool-node`: command-line entry point. `join` holds connections and prints peers and
 //! stats; `share` serves a file to the pool; `get` fetches one with a progress bar (or JSON
-//! lines with `--json`) and exits 0 once the file is complete and verified.
+//! lines with `--json`) and exits 0 once the file is complete and verified; `serve` only
+//! relays and caches. With `--json` every command prints a status line each second, which
+//! is what the pool load test reads.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,6 +45,18 @@ struct PoolArgs {
     /// Seconds full and unchanged before making room for a starved peer.
     #[arg(long)]
     rotate_after_secs: Option<u64>,
+    /// MiB of relayed chunks kept on disk to serve again (0: no relay cache).
+    #[arg(long, default_value_t = 256)]
+    cache_mib: u64,
+    /// Directory of the relay cache (default: a per-node directory under the temp dir).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Seconds without progress before a request's missing chunks are asked again.
+    #[arg(long, default_value_t = 5)]
+    missing_after_secs: u64,
+    /// Seconds without any chunk before a download gives up.
+    #[arg(long, default_value_t = 120)]
+    give_up_after_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,18 +91,59 @@ enum Command {
         /// Print JSON lines instead of a progress bar.
         #[arg(long)]
         json: bool,
+        /// After the file is complete, keep serving it until interrupted.
+        #[arg(long)]
+        stay: bool,
+    },
+    /// Relay requests and cache relayed chunks for the pool, holding no file of its own.
+    Serve {
+        #[command(flatten)]
+        join: PoolArgs,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
-fn progress_json(p: &tidepool_node::pool::Progress) -> serde_json::Value {
-    serde_json::json!({
-        "have": p.have_bytes,
-        "total": p.total_bytes,
-        "received": p.received_bytes,
-        "duplicates": p.duplicates,
-        "missing_rounds": p.missing_rounds,
-        "sources": p.sources,
-    })
+/// One status line: the download's progress (if any), what this node uploaded, and its
+/// connections.
+fn status_json(pool: &Pool, p: Option<&tidepool_node::pool::Progress>) -> serde_json::Value {
+    let up = pool.uploaded();
+    let node = pool.node().stats();
+    let mut v = serde_json::json!({
+        "served": up.served_bytes,
+        "relayed": up.relayed_bytes,
+        "cached": up.cached_bytes,
+        "peers": node.connected_peers,
+        "udp_drops": node.udp_rcvbuf_errors,
+        "bad_chunks": pool.bad_chunks(),
+    });
+    if let (Some(p), Some(o)) = (p, v.as_object_mut()) {
+        o.insert("have".into(), p.have_bytes.into());
+        o.insert("total".into(), p.total_bytes.into());
+        o.insert("received".into(), p.received_bytes.into());
+        o.insert("duplicates".into(), p.duplicates.into());
+        o.insert("missing_rounds".into(), p.missing_rounds.into());
+        o.insert("sources".into(), p.sources.into());
+    }
+    v
+}
+
+/// Serves until Ctrl-C (or SIGTERM), printing a status line each second with `--json`.
+async fn serve_until_interrupted(
+    pool: &Pool,
+    json: bool,
+    last: Option<tidepool_node::pool::Progress>,
+) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = every.tick(), if json => println!("{}", status_json(pool, last.as_ref())),
+            r = tokio::signal::ctrl_c() => return Ok(r?),
+            _ = term.recv() => return Ok(()),
+        }
+    }
 }
 
 fn short(p: &PeerId) -> String {
@@ -116,7 +171,13 @@ fn node_config(j: &PoolArgs) -> NodeConfig {
 }
 
 async fn start_pool(j: &PoolArgs) -> anyhow::Result<Pool> {
-    let pool_config = PoolConfig::default();
+    let mut pool_config = PoolConfig {
+        cache_bytes: j.cache_mib * 1024 * 1024,
+        cache_dir: j.cache_dir.clone(),
+        ..PoolConfig::default()
+    };
+    pool_config.fetch.missing_after = Duration::from_secs(j.missing_after_secs.max(1));
+    pool_config.fetch.give_up_after = Duration::from_secs(j.give_up_after_secs.max(1));
     let mut config = node_config(j);
     config.max_message_size = Pool::message_size_for(pool_config.chunk_size);
     let node = Node::join(config).await.context("joining the pool")?;
@@ -146,14 +207,24 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!("sharing {} as {}", file.display(), id.to_hex());
             }
-            tokio::signal::ctrl_c().await?;
-            Ok(())
+            serve_until_interrupted(&pool, json, None).await
+        }
+        Command::Serve { join, json } => {
+            let pool = start_pool(&join).await?;
+            let me = pool.node().peer_id();
+            if json {
+                println!("{}", serde_json::json!({ "serving": short(&me) }));
+            } else {
+                println!("relaying for pool {:?} as {}", join.pool, short(&me));
+            }
+            serve_until_interrupted(&pool, json, None).await
         }
         Command::Get {
             file_id,
             output,
             join,
             json,
+            stay,
         } => {
             let id = tidepool_node::pool::FileId::from_hex(&file_id)
                 .context("FILE_ID must be 64 hex digits")?;
@@ -170,36 +241,51 @@ async fn main() -> anyhow::Result<()> {
                 );
                 bar
             });
-            let watcher = tokio::spawn(async move {
-                while progress.changed().await.is_ok() {
-                    let p = progress.borrow_and_update().clone();
-                    match &bar {
-                        Some(bar) => {
-                            bar.set_length(p.total_bytes);
-                            bar.set_position(p.have_bytes);
-                            bar.set_message(format!("{} peers", p.sources));
-                        }
-                        None => println!("{}", progress_json(&p)),
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                if let Some(bar) = bar {
-                    bar.finish();
-                }
-            });
             let last = download.progress.clone();
-            let result = download.finished().await;
-            watcher.abort();
+            let result = if let Some(bar) = bar {
+                let watcher = tokio::spawn(async move {
+                    while progress.changed().await.is_ok() {
+                        let p = progress.borrow_and_update().clone();
+                        bar.set_length(p.total_bytes);
+                        bar.set_position(p.have_bytes);
+                        bar.set_message(format!("{} peers", p.sources));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    bar.finish();
+                });
+                let result = download.finished().await;
+                watcher.abort();
+                result
+            } else {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                let finished = download.finished();
+                tokio::pin!(finished);
+                loop {
+                    tokio::select! {
+                        r = &mut finished => break r,
+                        _ = every.tick() => {
+                            // Cloned first: a held borrow blocks the pipeline's publishing,
+                            // which happens under the lock `status_json` takes.
+                            let p = last.borrow().clone();
+                            println!("{}", status_json(&pool, Some(&p)));
+                        }
+                    }
+                }
+            };
             let path = result?;
             if json {
-                // The watcher may not have printed the final state before it was stopped.
-                println!("{}", progress_json(&last.borrow()));
+                // The final state, then the verdict.
+                let p = last.borrow().clone();
+                println!("{}", status_json(&pool, Some(&p)));
                 println!(
                     "{}",
                     serde_json::json!({ "done": path.display().to_string() })
                 );
             } else {
                 println!("verified and saved to {}", path.display());
+            }
+            if stay {
+                serve_until_interrupted(&pool, json, Some(last.borrow().clone())).await?;
             }
             Ok(())
         }

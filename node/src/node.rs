@@ -383,11 +383,20 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Leaves the pool in the background without giving up the handle (for owners that
+    /// share it with tasks, like the chunk pipeline): connections close and sends fail
+    /// from then on.
+    pub fn close(&self) {
+        let (tx, _) = oneshot::channel();
+        let _ = self.inner.core_tx.send(CoreMsg::Leave(tx));
+    }
+}
+
 impl Drop for Node {
     /// Dropping a node leaves the pool too (in the background), so no task outlives it.
     fn drop(&mut self) {
-        let (tx, _) = oneshot::channel();
-        let _ = self.inner.core_tx.send(CoreMsg::Leave(tx));
+        self.close();
     }
 }
 

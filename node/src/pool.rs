@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tidepool_protocol::PeerId;
 pub use tidepool_protocol::pool::FileId;
-use tidepool_protocol::pool::{ChunkRanges, FileMeta, PoolLimits, PoolMessage};
+use tidepool_protocol::pool::{ChunkRanges, FileMeta, Hash, PoolLimits, PoolMessage};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::cache::RelayCache;
 use crate::fetch::{Fetch, FetchConfig, FetchOutput};
 use crate::store::{PartialFile, SharedFile, StoreError};
 use crate::{Channel, Event, Node};
@@ -31,10 +32,21 @@ pub struct PoolConfig {
     pub fetch: FetchConfig,
     /// How far file offers are gossiped, in hops.
     pub offer_hops: u8,
-    /// Requests queued per neighbour; more are dropped (the requester re-asks on a stall).
+    /// Requests queued per neighbour (ranges only, no data); more are dropped and the
+    /// requester re-asks on a stall. Requests are often one chunk each (one per chunk that
+    /// arrived), so this is well above `fetch.max_in_flight`.
     pub request_queue: usize,
+    /// Chunks relayed from upstream queued per neighbour (this many chunk buffers at most).
+    /// A requester keeps at most `fetch.max_in_flight` chunks outstanding per source, so
+    /// the same bound here means a relay drops a chunk only past that.
+    pub relay_queue: usize,
     /// A download re-announces what it holds this often, so downloaders serve each other.
     pub reoffer_interval: Duration,
+    /// Bytes of relayed chunks kept on disk to serve again (0: no relay cache).
+    pub cache_bytes: u64,
+    /// Where the relay cache lives; by default a per-node directory under the system's
+    /// temp dir, removed when the pool stops.
+    pub cache_dir: Option<PathBuf>,
     /// Test hook: corrupt every chunk this node sends (to test that peers drop it).
     #[doc(hidden)]
     pub corrupt_outgoing: bool,
@@ -46,8 +58,11 @@ impl Default for PoolConfig {
             chunk_size: 64 * 1024,
             fetch: FetchConfig::default(),
             offer_hops: 3,
-            request_queue: 64,
+            request_queue: 1024,
+            relay_queue: 64,
             reoffer_interval: Duration::from_secs(1),
+            cache_bytes: 256 * 1024 * 1024,
+            cache_dir: None,
             corrupt_outgoing: false,
         }
     }
@@ -94,10 +109,23 @@ pub struct Progress {
     pub sources: usize,
 }
 
+/// Upload counters of one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Uploaded {
+    /// Chunk bytes served from this node's own copies.
+    pub served_bytes: u64,
+    /// Chunk bytes relayed from upstream to a neighbour.
+    pub relayed_bytes: u64,
+    /// Chunk bytes held in the relay cache now.
+    pub cached_bytes: u64,
+}
+
 /// A running download: watch its progress, then await the finished file.
 #[derive(Debug)]
 pub struct Download {
-    /// Live progress.
+    /// Live progress. Clone what you need out of a borrow before calling into the pool:
+    /// the pipeline publishes under its own lock, so a borrow held across a pool call can
+    /// deadlock.
     pub progress: watch::Receiver<Progress>,
     done: oneshot::Receiver<Result<PathBuf, PoolError>>,
 }
@@ -124,8 +152,14 @@ struct Serve {
     file_id: FileId,
     request_id: u64,
     ranges: ChunkRanges,
-    /// A chunk relayed from upstream, already encoded for this neighbour.
-    relayed: Option<Vec<u8>>,
+}
+
+/// The queues of one neighbour's sender task: requests to serve from held chunks, and
+/// chunks relayed from upstream (already encoded for this neighbour).
+#[derive(Clone)]
+struct PeerQueues {
+    requests: mpsc::Sender<Serve>,
+    relayed: mpsc::Sender<Vec<u8>>,
 }
 
 /// A request this node forwarded upstream on behalf of a neighbour.
@@ -152,10 +186,15 @@ struct State {
     /// spent), so a neighbour that connects later still learns where files are.
     heard: HashMap<FileId, PoolMessage>,
     seen: HashSet<(PeerId, u64)>,
-    senders: HashMap<PeerId, mpsc::Sender<Serve>>,
+    senders: HashMap<PeerId, PeerQueues>,
     cancelled: HashSet<(PeerId, u64)>,
     waiting: Vec<(FileId, PathBuf, oneshot::Sender<Download>)>,
     last_complete_offer: Option<Instant>,
+    /// Chunks relayed for others, kept to serve again.
+    cache: Option<RelayCache>,
+    /// What was last offered of each cached file, and when.
+    cache_offered: HashMap<FileId, ChunkRanges>,
+    last_cache_offer: Option<Instant>,
 }
 
 struct Inner {
@@ -166,6 +205,8 @@ struct Inner {
     seq: AtomicU64,
     bad_chunks: AtomicU64,
     dropped_peers: AtomicU64,
+    served_bytes: AtomicU64,
+    relayed_bytes: AtomicU64,
 }
 
 impl Inner {
@@ -185,6 +226,16 @@ impl Inner {
         tokio::spawn(async move {
             let _ = inner.node.send(peer, Channel::Control, &buf).await;
         });
+    }
+
+    /// An offer of a partial copy (a download's or the relay cache's): neighbours only,
+    /// since it changes too often to gossip further.
+    fn neighbour_offer(&self, meta: &FileMeta, have: ChunkRanges) -> PoolMessage {
+        let mut offer = self.offer(meta, have);
+        if let PoolMessage::FileOffer { hops, .. } = &mut offer {
+            *hops = 0;
+        }
+        offer
     }
 
     fn offer(&self, meta: &FileMeta, have: ChunkRanges) -> PoolMessage {
@@ -213,8 +264,14 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Drop for Pool {
+    /// Stops the pipeline and leaves the pool: the serving tasks hold the pipeline's state
+    /// (and so the node) alive, so the node is closed and their queues are dropped here.
     fn drop(&mut self) {
         self.task.abort();
+        self.inner.node.close();
+        let mut st = self.inner.state();
+        st.senders.clear();
+        st.waiting.clear();
     }
 }
 
@@ -235,14 +292,27 @@ impl Pool {
             max_chunk: config.chunk_size as usize,
             ..PoolLimits::default()
         };
+        let cache = if config.cache_bytes > 0 {
+            let dir = config.cache_dir.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("tidepool-cache-{}", node.peer_id().to_hex()))
+            });
+            Some(RelayCache::open(&dir, config.cache_bytes)?)
+        } else {
+            None
+        };
         let inner = Arc::new(Inner {
             node,
             config,
             limits,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                cache,
+                ..State::default()
+            }),
             seq: AtomicU64::new(1),
             bad_chunks: AtomicU64::new(0),
             dropped_peers: AtomicU64::new(0),
+            served_bytes: AtomicU64::new(0),
+            relayed_bytes: AtomicU64::new(0),
         });
         let task = tokio::spawn(run(inner.clone()));
         Ok(Pool { inner, task })
@@ -258,6 +328,20 @@ impl Pool {
         chunk_size as usize + 2 + 32 + 8 + 4 + 1 + 32 * 32 + 4
     }
 
+    /// The peak RSS, in bytes, a node running this pipeline stays within with
+    /// `connections` peers: 64 MiB for the runtime, the WebRTC stack and the allocator's
+    /// arenas, plus for each connection its configured buffers — both channels' send
+    /// limits, the SCTP receive window and the relay queue's chunk buffers — with half as
+    /// much again for allocator slack. Requests queue as ranges, not data, and downloads
+    /// stream to disk, so file size does not appear. Checked against a relay passing a
+    /// 64 MiB file to four fetchers in `load_test/tests/pool.rs`.
+    pub fn memory_bound(node: &crate::NodeConfig, pool: &PoolConfig, connections: usize) -> u64 {
+        let per_connection = 2 * node.send_buffer_limit as u64
+            + u64::from(node.sctp_receive_window)
+            + pool.relay_queue as u64 * Self::message_size_for(pool.chunk_size) as u64;
+        (64 << 20) + connections as u64 * per_connection * 3 / 2
+    }
+
     /// Chunks received that failed verification (their senders were dropped).
     pub fn bad_chunks(&self) -> u64 {
         self.inner.bad_chunks.load(Relaxed)
@@ -266,6 +350,17 @@ impl Pool {
     /// Peers this pipeline disconnected for breaking the protocol or sending bad chunks.
     pub fn dropped_peers(&self) -> u64 {
         self.inner.dropped_peers.load(Relaxed)
+    }
+
+    /// What this node has sent: chunk bytes served from its own copies (whole, partial or
+    /// cached), and chunk bytes passed on from upstream for others.
+    pub fn uploaded(&self) -> Uploaded {
+        let st = self.inner.state();
+        Uploaded {
+            served_bytes: self.inner.served_bytes.load(Relaxed),
+            relayed_bytes: self.inner.relayed_bytes.load(Relaxed),
+            cached_bytes: st.cache.as_ref().map_or(0, RelayCache::used),
+        }
     }
 
     /// Serves `path` to the pool; returns its file id. The file is read once for its hash
@@ -279,6 +374,9 @@ impl Pool {
             let mut st = self.inner.state();
             st.catalog.insert(id, meta.clone());
             st.complete.insert(id, shared);
+            if let Some(c) = st.cache.as_mut() {
+                c.evict(&id);
+            }
             st.senders.keys().copied().collect::<Vec<_>>()
         };
         let offer = self.inner.offer(&meta, ChunkRanges::full(count));
@@ -333,8 +431,14 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
                     st.active
                         .values()
                         .filter(|a| !a.part.have().is_empty())
-                        .map(|a| inner.offer(a.part.meta(), a.part.have().clone())),
+                        .map(|a| inner.neighbour_offer(a.part.meta(), a.part.have().clone())),
                 );
+                if let Some(c) = &st.cache {
+                    v.extend(
+                        c.held()
+                            .map(|(meta, have)| inner.neighbour_offer(meta, have.clone())),
+                    );
+                }
                 v.extend(
                     st.heard
                         .iter()
@@ -407,18 +511,26 @@ fn serve_held(
 ) -> ChunkRanges {
     let held = if st.complete.contains_key(&file_id) {
         wanted.clone()
-    } else if let (false, Some(a)) = (from_origin, st.active.get(&file_id)) {
+    } else if from_origin {
+        ChunkRanges::new()
+    } else if let Some(a) = st.active.get(&file_id) {
         wanted.intersection(a.part.have())
+    } else if let Some(have) = st.cache.as_ref().and_then(|c| c.have(&file_id)) {
+        wanted.intersection(have)
     } else {
         ChunkRanges::new()
     };
-    if !held.is_empty() {
-        let _ = sender_for(inner, st, peer).try_send(Serve {
-            file_id,
-            request_id,
-            ranges: held.clone(),
-            relayed: None,
-        });
+    if !held.is_empty()
+        && sender_for(inner, st, peer)
+            .requests
+            .try_send(Serve {
+                file_id,
+                request_id,
+                ranges: held.clone(),
+            })
+            .is_err()
+    {
+        tracing::info!(?peer, request_id, "request queue full; dropped a request");
     }
     held
 }
@@ -443,18 +555,69 @@ fn pick_upstream(
     usable(st.holders.get(&file_id)).or_else(|| usable(st.routes.get(&file_id)))
 }
 
+/// What a forwarded request carries upstream.
+struct Upstream {
+    requester: PeerId,
+    file_id: FileId,
+    promised: ChunkRanges,
+    from_origin: bool,
+    hops_left: u8,
+}
+
+/// Sends `rest` of a request from `from` one hop toward a holder (never back where it came
+/// from), remembering the path so chunks and chunks-missing reports can follow it.
+fn forward(
+    inner: &Arc<Inner>,
+    mut st: std::sync::MutexGuard<'_, State>,
+    from: PeerId,
+    downstream_id: u64,
+    rest: ChunkRanges,
+    up: Upstream,
+) {
+    let Some(next) = pick_upstream(&st, up.file_id, from, up.requester, &rest) else {
+        tracing::info!(?from, downstream_id, ?rest, "no upstream for a request");
+        return;
+    };
+    let upstream_id = fastrand::u64(1..u64::MAX / 2);
+    st.relayed.insert(
+        upstream_id,
+        Relayed {
+            downstream: from,
+            downstream_id,
+            file_id: up.file_id,
+            upstream: next,
+            outstanding: rest.clone(),
+        },
+    );
+    drop(st);
+    inner.send_control(
+        next,
+        &PoolMessage::FileRequest {
+            request_id: upstream_id,
+            requester: up.requester,
+            file_id: up.file_id,
+            requested: rest,
+            promised: up.promised,
+            from_origin: up.from_origin,
+            hops_left: up.hops_left,
+        },
+    );
+}
+
 /// The queue of `peer`'s serving task, started on first use (a request can arrive before
 /// the connection's hello is seen here) and restarted if it ended.
-fn sender_for(inner: &Arc<Inner>, st: &mut State, peer: PeerId) -> mpsc::Sender<Serve> {
-    if let Some(tx) = st.senders.get(&peer)
-        && !tx.is_closed()
+fn sender_for(inner: &Arc<Inner>, st: &mut State, peer: PeerId) -> PeerQueues {
+    if let Some(q) = st.senders.get(&peer)
+        && !q.requests.is_closed()
     {
-        return tx.clone();
+        return q.clone();
     }
-    let (tx, rx) = mpsc::channel(inner.config.request_queue);
-    tokio::spawn(serve_peer(inner.clone(), peer, rx));
-    st.senders.insert(peer, tx.clone());
-    tx
+    let (requests, requests_rx) = mpsc::channel(inner.config.request_queue.max(1));
+    let (relayed, relayed_rx) = mpsc::channel(inner.config.relay_queue.max(1));
+    tokio::spawn(serve_peer(inner.clone(), peer, requests_rx, relayed_rx));
+    let q = PeerQueues { requests, relayed };
+    st.senders.insert(peer, q.clone());
+    q
 }
 
 fn drop_peer(inner: &Arc<Inner>, peer: PeerId, why: &str) {
@@ -491,9 +654,8 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
                     let known = st.routes.entry(id).or_default().entry(peer).or_default();
                     *known = known.union(&have);
                     let via = known.clone();
-                    let direct = st.holders.get(&id).is_some_and(|h| h.contains_key(&peer));
-                    if !direct && let Some(a) = st.active.get_mut(&id) {
-                        a.fetch.add_source(peer, via);
+                    if let Some(a) = st.active.get_mut(&id) {
+                        a.fetch.add_relay(peer, via);
                     }
                 }
                 tracing::debug!(?peer, ?origin, seq, hops, "file offer");
@@ -530,8 +692,9 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
                 if let Some(h) = st.holders.get_mut(&file_id) {
                     h.remove(&peer);
                 }
+                // It no longer holds the file; it may still relay it.
                 if let Some(a) = st.active.get_mut(&file_id) {
-                    a.fetch.remove_source(&peer);
+                    a.fetch.add_source(peer, ChunkRanges::new());
                 }
             }
         }
@@ -556,37 +719,22 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
                 from_origin,
             );
             let rest = requested.difference(&held).difference(&promised);
-            if rest.is_empty() || hops_left == 0 {
+            if rest.is_empty() {
                 return;
             }
-            // The rest goes one hop toward a holder (never back where it came from); this
-            // node promised what it serves itself, so the origin skips those chunks.
-            let next = pick_upstream(&st, file_id, peer, requester, &rest);
-            let Some(next) = next else { return };
-            let upstream_id = fastrand::u64(1..u64::MAX / 2);
-            st.relayed.insert(
-                upstream_id,
-                Relayed {
-                    downstream: peer,
-                    downstream_id: request_id,
-                    file_id,
-                    upstream: next,
-                    outstanding: rest.clone(),
-                },
-            );
-            drop(st);
-            inner.send_control(
-                next,
-                &PoolMessage::FileRequest {
-                    request_id: upstream_id,
-                    requester,
-                    file_id,
-                    requested: rest,
-                    promised: promised.union(&held),
-                    from_origin,
-                    hops_left: hops_left - 1,
-                },
-            );
+            if hops_left == 0 {
+                tracing::info!(?peer, request_id, ?rest, "request out of hops");
+                return;
+            }
+            // This node promised what it serves itself, so the origin skips those chunks.
+            let upstream = Upstream {
+                requester,
+                file_id,
+                promised: promised.union(&held),
+                from_origin,
+                hops_left: hops_left - 1,
+            };
+            forward(inner, st, peer, request_id, rest, upstream);
         }
         PoolMessage::ChunksMissing {
             request_id,
@@ -594,7 +742,39 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
             missing,
         } => {
             let mut st = inner.state();
-            serve_held(inner, &mut st, peer, file_id, request_id, &missing, false);
+            let held = serve_held(inner, &mut st, peer, file_id, request_id, &missing, false);
+            let rest = missing.difference(&held);
+            if rest.is_empty() {
+                return;
+            }
+            // A request relayed from here: the report goes up the same path.
+            let relayed = st
+                .relayed
+                .iter_mut()
+                .find(|(_, r)| r.downstream == peer && r.downstream_id == request_id);
+            if let Some((&up_id, r)) = relayed {
+                r.outstanding = r.outstanding.union(&rest);
+                let up = r.upstream;
+                drop(st);
+                inner.send_control(
+                    up,
+                    &PoolMessage::ChunksMissing {
+                        request_id: up_id,
+                        file_id,
+                        missing: rest,
+                    },
+                );
+                return;
+            }
+            // The path was lost (its upstream left): start a new one.
+            let upstream = Upstream {
+                requester: peer,
+                file_id,
+                promised: held,
+                from_origin: false,
+                hops_left: inner.config.offer_hops.saturating_sub(1),
+            };
+            forward(inner, st, peer, request_id, rest, upstream);
         }
         PoolMessage::Cancel {
             request_id,
@@ -659,6 +839,7 @@ fn on_chunk(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
             );
             return;
         }
+        let kept = keep_relayed(&mut st, &meta, index, &data, &proof);
         let Some(r) = st.relayed.get_mut(&request_id) else {
             return;
         };
@@ -678,12 +859,19 @@ fn on_chunk(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
         .encode(&mut buf);
         // Through the neighbour's bounded queue: a slow downstream drops relayed chunks
         // (it re-asks for exactly those) instead of growing memory here.
-        let _ = sender_for(inner, &mut st, downstream).try_send(Serve {
-            file_id,
-            request_id: downstream_id,
-            ranges: ChunkRanges::new(),
-            relayed: Some(buf),
-        });
+        let queues = sender_for(inner, &mut st, downstream);
+        if queues.relayed.try_send(buf).is_err() {
+            // The downstream is slower than its upstream: what was kept on disk goes
+            // later, as a request of one chunk (ranges only, no buffer held).
+            let later = Serve {
+                file_id,
+                request_id: downstream_id,
+                ranges: ChunkRanges::from_range(index..index + 1),
+            };
+            if !kept || queues.requests.try_send(later).is_err() {
+                tracing::info!(?downstream, index, "relay queues full; dropped a chunk");
+            }
+        }
         return;
     }
     let Some(a) = st.active.get_mut(&file_id) else {
@@ -706,6 +894,33 @@ fn on_chunk(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
         }
         Err(e) => {
             tracing::error!("writing chunk {index}: {e}");
+        }
+    }
+}
+
+/// Keeps a verified chunk that passed through: in this node's own download of the file if
+/// it wants it, else in the relay cache. Returns whether this node can serve it later.
+fn keep_relayed(st: &mut State, meta: &FileMeta, index: u32, data: &[u8], proof: &[Hash]) -> bool {
+    let id = meta.file_id();
+    if st.complete.contains_key(&id) {
+        return true;
+    }
+    if let Some(a) = st.active.get_mut(&id) {
+        // Only if not asked for already: that copy is on its way and would be a duplicate.
+        if a.fetch.unrequested(index) && a.part.write_chunk(index, data, proof).is_ok() {
+            a.fetch.on_chunk(Instant::now(), 0, index);
+            publish(a);
+            return true;
+        }
+    }
+    let Some(cache) = st.cache.as_mut() else {
+        return false;
+    };
+    match cache.insert(meta, index, data, proof) {
+        Ok(_) => cache.have(&id).is_some_and(|h| h.contains(index)),
+        Err(e) => {
+            tracing::warn!("relay cache: {e}");
+            false
         }
     }
 }
@@ -785,7 +1000,21 @@ fn on_tick(inner: &Arc<Inner>) {
                             requested: ranges,
                             promised: ChunkRanges::new(),
                             from_origin,
-                            hops_left: inner.config.offer_hops,
+                            // An offer reaches offer_hops + 1 nodes away (the last one
+                            // does not forward it), so the route can be that long.
+                            hops_left: inner.config.offer_hops + 1,
+                        },
+                    )),
+                    FetchOutput::Missing {
+                        source,
+                        request_id,
+                        ranges,
+                    } => sends.push((
+                        source,
+                        PoolMessage::ChunksMissing {
+                            request_id,
+                            file_id: *id,
+                            missing: ranges,
                         },
                     )),
                     FetchOutput::Cancel { source, request_id } => sends.push((
@@ -805,16 +1034,14 @@ fn on_tick(inner: &Arc<Inner>) {
             {
                 a.last_offer = now;
                 a.offered = a.part.have().clone();
-                let mut offer = inner.offer(a.part.meta(), a.offered.clone());
-                if let PoolMessage::FileOffer { hops, .. } = &mut offer {
-                    *hops = 0;
-                }
+                let offer = inner.neighbour_offer(a.part.meta(), a.offered.clone());
                 for p in &neighbours {
                     sends.push((*p, offer.clone()));
                 }
             }
         }
     }
+    offer_cached(inner, now, &mut sends);
     for (peer, msg) in sends {
         inner.send_control(peer, &msg);
     }
@@ -827,6 +1054,57 @@ fn on_tick(inner: &Arc<Inner>) {
         {
             let _ = done.send(Err(PoolError::Failed(why)));
         }
+    }
+}
+
+/// Tells neighbours what the relay cache holds now, and retracts what it evicted, so
+/// requests come here for cached chunks and stop coming for evicted ones. At most once per
+/// `reoffer_interval`, like a download's offers.
+fn offer_cached(inner: &Arc<Inner>, now: Instant, sends: &mut Vec<(PeerId, PoolMessage)>) {
+    let mut st = inner.state();
+    if st
+        .last_cache_offer
+        .is_some_and(|t| now.duration_since(t) < inner.config.reoffer_interval)
+    {
+        return;
+    }
+    st.last_cache_offer = Some(now);
+    let State {
+        cache: Some(cache),
+        cache_offered: offered,
+        senders,
+        active,
+        complete,
+        ..
+    } = &mut *st
+    else {
+        return;
+    };
+    let gone: Vec<FileId> = offered
+        .keys()
+        .filter(|id| cache.have(id).is_none())
+        .copied()
+        .collect();
+    for file_id in gone {
+        offered.remove(&file_id);
+        let retract = PoolMessage::FileRetract {
+            origin: inner.me(),
+            seq: inner.seq.fetch_add(1, Relaxed),
+            hops: 0,
+            file_id,
+        };
+        sends.extend(senders.keys().map(|p| (*p, retract.clone())));
+    }
+    for (meta, have) in cache.held() {
+        let id = meta.file_id();
+        // A file held here as a download or whole is offered as that.
+        if offered.get(&id) == Some(have) || active.contains_key(&id) || complete.contains_key(&id)
+        {
+            continue;
+        }
+        offered.insert(id, have.clone());
+        let offer = inner.neighbour_offer(meta, have.clone());
+        sends.extend(senders.keys().map(|p| (*p, offer.clone())));
     }
 }
 
@@ -843,24 +1121,30 @@ fn start_waiting(inner: &Arc<Inner>, st: &mut State) {
             total_bytes: meta.size,
             ..Progress::default()
         });
-        let started = PartialFile::open(&target, &meta).and_then(|part| {
-            let fetch = Fetch::new(
+        let cache = &mut st.cache;
+        let started = PartialFile::open(&target, &meta).and_then(|mut part| {
+            if let Some(c) = cache.as_mut() {
+                adopt_cached(c, &mut part);
+            }
+            let mut fetch = Fetch::new(
                 &meta,
                 part.have().clone(),
                 inner.config.fetch.clone(),
                 Instant::now(),
                 fastrand::u64(1..u64::MAX / 2),
             )?;
+            fetch.start_at(fastrand::u32(..));
             Ok((part, fetch))
         });
+        // Adopted, not evicted: the download's own offers replace the cache's.
+        st.cache_offered.remove(&id);
         match started {
             Ok((part, mut fetch)) => {
                 if let Some(r) = st.routes.get(&id) {
                     for (p, via) in r {
-                        fetch.add_source(*p, via.clone());
+                        fetch.add_relay(*p, via.clone());
                     }
                 }
-                // Direct holders last, so they replace what was known as a route.
                 if let Some(h) = st.holders.get(&id) {
                     for (p, have) in h {
                         fetch.add_source(*p, have.clone());
@@ -891,6 +1175,23 @@ fn start_waiting(inner: &Arc<Inner>, st: &mut State) {
     st.waiting = still;
 }
 
+/// Moves chunks the relay cache holds of a file into its new download, and drops them
+/// from the cache.
+fn adopt_cached(cache: &mut RelayCache, part: &mut PartialFile) {
+    let id = part.meta().file_id();
+    let Some(held) = cache.have(&id).map(|h| h.difference(part.have())) else {
+        return;
+    };
+    for index in held.iter() {
+        if let Some((data, proof)) = cache.read_chunk(&id, index)
+            && let Err(e) = part.write_chunk(index, &data, &proof)
+        {
+            tracing::warn!("adopting cached chunk {index}: {e}");
+        }
+    }
+    cache.evict(&id);
+}
+
 /// Moves a complete download into place and starts serving it as a whole file.
 fn finish(inner: &Arc<Inner>, id: FileId) {
     let Some(mut a) = inner.state().active.remove(&id) else {
@@ -909,6 +1210,10 @@ fn finish(inner: &Arc<Inner>, id: FileId) {
             let peers: Vec<PeerId> = {
                 let mut st = inner.state();
                 st.complete.insert(id, Arc::new(shared));
+                st.cache_offered.remove(&id);
+                if let Some(c) = st.cache.as_mut() {
+                    c.evict(&id);
+                }
                 st.senders.keys().copied().collect()
             };
             if let Ok(n) = meta.chunk_count() {
@@ -928,21 +1233,41 @@ fn finish(inner: &Arc<Inner>, id: FileId) {
 
 /// Serves one neighbour's requests in order, one chunk at a time; each send waits for room
 /// in the channel, so a slow peer slows only its own task.
-async fn serve_peer(inner: Arc<Inner>, peer: PeerId, mut rx: mpsc::Receiver<Serve>) {
-    let mut buf = Vec::with_capacity(inner.config.chunk_size as usize + 2048);
-    while let Some(req) = rx.recv().await {
-        if let Some(frame) = req.relayed {
-            if inner
-                .node
-                .send(peer, Channel::Chunks, &frame)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            continue;
+async fn serve_peer(
+    inner: Arc<Inner>,
+    peer: PeerId,
+    mut requests: mpsc::Receiver<Serve>,
+    mut relayed: mpsc::Receiver<Vec<u8>>,
+) {
+    let send_relayed = async |frame: Vec<u8>| {
+        let ok = inner.node.send(peer, Channel::Chunks, &frame).await.is_ok();
+        if ok {
+            inner.relayed_bytes.fetch_add(frame.len() as u64, Relaxed);
         }
+        ok
+    };
+    let mut buf = Vec::with_capacity(inner.config.chunk_size as usize + 2048);
+    loop {
+        let req = tokio::select! {
+            biased;
+            Some(frame) = relayed.recv() => {
+                if !send_relayed(frame).await {
+                    return;
+                }
+                continue;
+            }
+            req = requests.recv() => match req {
+                Some(req) => req,
+                None => return,
+            },
+        };
         for index in req.ranges.iter() {
+            // Relayed chunks first: they are owed already, and their queue is short.
+            while let Ok(frame) = relayed.try_recv() {
+                if !send_relayed(frame).await {
+                    return;
+                }
+            }
             let chunk = {
                 let mut st = inner.state();
                 if st.cancelled.remove(&(peer, req.request_id)) {
@@ -951,10 +1276,16 @@ async fn serve_peer(inner: Arc<Inner>, peer: PeerId, mut rx: mpsc::Receiver<Serv
                 if let Some(f) = st.complete.get(&req.file_id).cloned() {
                     drop(st);
                     f.read_chunk(index).ok()
-                } else if let Some(a) = st.active.get(&req.file_id) {
-                    a.part.read_chunk(index).ok().flatten()
                 } else {
-                    None
+                    let own = match st.active.get(&req.file_id) {
+                        Some(a) => a.part.read_chunk(index).ok().flatten(),
+                        None => None,
+                    };
+                    own.or_else(|| {
+                        st.cache
+                            .as_mut()
+                            .and_then(|c| c.read_chunk(&req.file_id, index))
+                    })
                 }
             };
             let Some((mut data, proof)) = chunk else {
@@ -966,6 +1297,7 @@ async fn serve_peer(inner: Arc<Inner>, peer: PeerId, mut rx: mpsc::Receiver<Serv
                 *b ^= 0xff;
             }
             buf.clear();
+            let len = data.len() as u64;
             PoolMessage::Chunk {
                 file_id: req.file_id,
                 request_id: req.request_id,
@@ -977,6 +1309,7 @@ async fn serve_peer(inner: Arc<Inner>, peer: PeerId, mut rx: mpsc::Receiver<Serv
             if inner.node.send(peer, Channel::Chunks, &buf).await.is_err() {
                 return;
             }
+            inner.served_bytes.fetch_add(len, Relaxed);
         }
     }
 }

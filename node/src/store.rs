@@ -39,7 +39,7 @@ pub enum StoreError {
 /// A chunk's bytes and the sibling hashes that prove it.
 pub type ProvenChunk = (Vec<u8>, Vec<Hash>);
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),
         source,

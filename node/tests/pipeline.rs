@@ -265,7 +265,8 @@ async fn the_cli_shares_a_file_and_gets_it_with_json_progress_exiting_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_downloader_with_no_holder_among_its_neighbours_fetches_through_a_relay() {
+async fn a_downloader_with_no_holder_among_its_neighbours_fetches_through_a_relay_whose_cache_serves_after_the_seeder_leaves()
+ {
     let _serial = one_at_a_time().await;
     let tracker = tracker();
     let dir = temp("relay");
@@ -314,5 +315,26 @@ async fn a_downloader_with_no_holder_among_its_neighbours_fetches_through_a_rela
         p.received_bytes as f64 <= 1.05 * p.total_bytes as f64,
         "{p:?}"
     );
+    // The relay kept what it passed on. With the seeder and the first copy gone, a new
+    // downloader behind the relay gets the whole file from the relay's cache.
+    assert_eq!(relay.uploaded().cached_bytes, p.total_bytes);
+    drop(seeder);
+    drop(downloader);
+    eventually("the relay's neighbours are gone", || {
+        relay.node().connected_peers().is_empty()
+    })
+    .await;
+    let second = pool(cfg(1), pool_config()).await;
+    let target = dir.join("second.bin");
+    let download = start_get(&second, id, &target).await;
+    let path = tokio::time::timeout(WAIT, download.finished())
+        .await
+        .expect("in time")
+        .expect("verified from the cache");
+    assert_eq!(
+        std::fs::read(path).expect("read"),
+        std::fs::read(&source).expect("read")
+    );
+    assert!(relay.uploaded().served_bytes >= p.total_bytes);
     tracker.shutdown();
 }
