@@ -104,6 +104,12 @@ impl SharedFile {
         Ok(f)
     }
 
+    /// The same open file, known by the path it was renamed to.
+    pub fn at(mut self, path: &Path) -> Self {
+        self.path = path.to_owned();
+        self
+    }
+
     /// What the file is.
     pub fn meta(&self) -> &FileMeta {
         &self.meta
@@ -181,6 +187,16 @@ impl PartialFile {
     /// What is being downloaded.
     pub fn meta(&self) -> &FileMeta {
         &self.meta
+    }
+
+    /// Where the chunks are written (`NAME.part`).
+    pub fn part_path(&self) -> &Path {
+        &self.part
+    }
+
+    /// Where the file goes when it is complete.
+    pub fn target(&self) -> &Path {
+        &self.target
     }
 
     /// Verifies chunk `index` and writes it; returns false if it was already held.
