@@ -2,11 +2,13 @@
 //
 //   node webtorrent-transfer.mjs seed  --tracker URL --file PATH
 //       seeds PATH, prints "MAGNET <uri>", and keeps seeding until stdin closes
-//   node webtorrent-transfer.mjs fetch --tracker URL --magnet URI --out DIR
-//       downloads by magnet into DIR, prints "DONE <path>" and exits 0
+//   node webtorrent-transfer.mjs fetch --tracker URL --magnet URI --out DIR [--stay]
+//       downloads by magnet into DIR, prints "DONE <path>" and exits 0 (with --stay, keeps
+//       seeding to the others until stdin closes, as pool nodes do)
 //
 // Only the given tracker is used: DHT, LSD, uTP, PEX, UPnP and NAT-PMP are off, and WebRTC
-// binds loopback only. Every run ends by itself: a 60 s deadline exits non-zero.
+// binds loopback only. Every run ends by itself: a deadline (--deadline SECS, default 60)
+// exits non-zero.
 
 import { join } from 'node:path'
 import WebTorrent from 'webtorrent'
@@ -20,7 +22,8 @@ if (!tracker || !['seed', 'fetch'].includes(role)) {
   process.exit(2)
 }
 
-setTimeout(() => { console.error(`${role}: deadline passed`); process.exit(1) }, 60_000).unref()
+const deadline = Number(arg('--deadline') ?? 60) * 1000
+setTimeout(() => { console.error(`${role}: deadline passed`); process.exit(1) }, deadline).unref()
 
 // simple-peer waits 5 s for an ICE-gathering event node-datachannel never fires.
 const createPeer = WebSocketTracker.prototype._createPeer
@@ -42,7 +45,9 @@ client.on('error', err => { console.error(`${role}: ${err.message}`); process.ex
 
 if (role === 'seed') {
   const file = arg('--file')
-  client.seed(file, { announce: [tracker], announceList: [[tracker]], name: 'payload.bin' }, torrent => {
+  // No name override: webtorrent serves a seeded path from dirname + name, so a renamed
+  // file would be unreadable and every request rejected.
+  client.seed(file, { announce: [tracker], announceList: [[tracker]] }, torrent => {
     console.log(`MAGNET ${torrent.magnetURI}`)
   })
   process.stdin.resume()
@@ -53,7 +58,12 @@ if (role === 'seed') {
     torrent.on('done', () => {
       const path = join(out, torrent.files[0].path)
       console.log(`DONE ${path} ${torrent.length} bytes from ${torrent.numPeers} peer(s)`)
-      client.destroy(() => process.exit(0))
+      if (rest.includes('--stay')) {
+        process.stdin.resume()
+        process.stdin.on('end', () => client.destroy(() => process.exit(0)))
+      } else {
+        client.destroy(() => process.exit(0))
+      }
     })
   })
 }

@@ -116,6 +116,26 @@ fn main() -> anyhow::Result<()> {
                 s.peak_rss_kib_max / 1024,
                 out.display()
             );
+            if let Some(b) = &result.raw_baseline {
+                println!(
+                    "raw data channels, {} pairs at once: {:.1} MiB/s; pool goodput is {:.0}% of it",
+                    b.pairs,
+                    b.aggregate_mib_s,
+                    100.0 * s.goodput_mib_s / b.aggregate_mib_s.max(1e-9)
+                );
+            }
+            if let Some(w) = &result.webtorrent {
+                let done: Vec<f64> = w.completion_secs.iter().flatten().copied().collect();
+                println!(
+                    "npm webtorrent {}: {} of {} fetchers verified; completion max {:.1?} s; goodput {:.1} MiB/s",
+                    w.version,
+                    done.len(),
+                    w.completion_secs.len(),
+                    done.iter().copied().reduce(f64::max),
+                    w.goodput_mib_s
+                );
+            }
+            println!("report: {}", out.join("report.html").display());
             anyhow::ensure!(
                 result.all_verified,
                 "not every surviving node finished with a verified file"

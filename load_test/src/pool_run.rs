@@ -19,6 +19,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use crate::pool_baselines::{RawBaseline, WebtorrentBaseline};
+
 /// What a campaign runs. Every field is a `pool` flag of `tidepool-load-test`.
 #[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct PoolRunConfig {
@@ -86,6 +88,15 @@ pub struct PoolRunConfig {
     /// Seed of the generated file's bytes and of the churn choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// After the pool, run as many bare data-channel pairs as there are fetchers, each
+    /// moving the file's size (needs `node-bulk` next to the node binary).
+    #[arg(long)]
+    pub raw_baseline: bool,
+    /// After the pool, run the same scenario with npm webtorrent through the same tracker;
+    /// DIR is the folder holding `webtorrent-transfer.mjs` and its `node_modules`
+    /// (`interop/`).
+    #[arg(long, value_name = "DIR")]
+    pub webtorrent: Option<PathBuf>,
     /// No live progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -186,6 +197,10 @@ pub struct PoolRunResult {
     pub udp_drops: Option<u64>,
     /// Frames the tracker received, when it ran in-process.
     pub tracker_messages_in: Option<u64>,
+    /// Bare data channels, same number of pairs, same run.
+    pub raw_baseline: Option<RawBaseline>,
+    /// npm webtorrent, same file, same tracker, same run.
+    pub webtorrent: Option<WebtorrentBaseline>,
     /// The summary numbers.
     pub summary: Summary,
 }
@@ -363,6 +378,9 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
         bail!("need at least one seeder and one fetcher (--seeders < --nodes)");
     }
     let node_bin = find_node_bin(config.node_bin.as_deref())?;
+    if let Some(interop) = &config.webtorrent {
+        crate::pool_baselines::webtorrent_version(interop)?;
+    }
     let dir = config.out.clone();
     // One campaign per directory: logs are appended to, so start them afresh.
     let _ = std::fs::remove_dir_all(dir.join("nodes"));
@@ -652,6 +670,36 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
         },
         None => None,
     };
+    let fetcher_count = config.nodes - config.seeders;
+    let webtorrent = match &config.webtorrent {
+        Some(interop) => {
+            if !config.quiet {
+                eprintln!("webtorrent baseline: 1 seeder, {fetcher_count} fetchers");
+            }
+            let deadline = Duration::from_secs_f64(config.deadline);
+            Some(
+                crate::pool_baselines::webtorrent(
+                    interop,
+                    &tracker_url,
+                    &source,
+                    source_hash,
+                    fetcher_count,
+                    &dir,
+                    deadline,
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+    let raw_baseline = if config.raw_baseline {
+        if !config.quiet {
+            eprintln!("raw baseline: {fetcher_count} data-channel pairs");
+        }
+        Some(crate::pool_baselines::raw(&node_bin, fetcher_count, config.file_mib).await?)
+    } else {
+        None
+    };
     if let Some(t) = tracker {
         t.shutdown();
     }
@@ -681,12 +729,15 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
         timeline,
         udp_drops,
         tracker_messages_in: tracker_messages,
+        raw_baseline,
+        webtorrent,
         summary,
     };
     std::fs::write(
         dir.join("results.json"),
         serde_json::to_string_pretty(&result)?,
     )?;
+    crate::pool_report::write(&result, &dir)?;
     Ok(result)
 }
 

@@ -89,6 +89,19 @@ fn one_seeder_five_fetchers_of_32_mib_all_verify_with_under_5_percent_duplicates
     }
     assert_eq!(r.udp_drops.unwrap_or(0), 0, "the 4 MiB socket buffers hold");
     assert!(r.tracker_messages_in.is_some_and(|m| m > 0));
+    // The run directory holds the results and a report drawn from them.
+    let dir = &r.config.out;
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).expect("json"))
+            .expect("valid JSON");
+    assert_eq!(saved["summary"]["completed"], 5);
+    let html = std::fs::read_to_string(dir.join("report.html")).expect("report");
+    assert!(html.contains("every surviving fetcher verified the file"));
+    for svg in ["completion.svg", "goodput.svg", "bytes.svg"] {
+        let text = std::fs::read_to_string(dir.join(svg)).expect("plot");
+        assert!(text.contains("<svg") && text.contains("</svg>"), "{svg}");
+        assert!(html.contains(svg));
+    }
 }
 
 #[test]
