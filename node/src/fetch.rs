@@ -5,7 +5,8 @@
 //!
 //! Policy (DESIGN §5): requests are spread over every source that holds the chunks, at most
 //! `max_in_flight` chunks per source, so a download uses the mesh rather than one path. A
-//! request that makes no progress for `missing_after` is re-requested — exactly its missing
+//! request that makes no progress for `missing_after`, from a source that sent nothing else
+//! meanwhile either (a busy source serves requests in order), is re-requested — exactly its missing
 //! ranges: from another source when one holds them, else from the same source with a
 //! chunks-missing report on the same request; after `origin_after` misses in a row the
 //! re-request asks the origin directly; with no progress at all for `give_up_after` the
@@ -96,6 +97,9 @@ pub struct Fetch<P> {
     /// Each source, the chunks it holds itself, and the chunks it can fetch from farther
     /// away on our behalf (a relay). A neighbour can be both.
     sources: Vec<(P, ChunkRanges, ChunkRanges)>,
+    /// When a chunk last arrived from each source: a request queued behind others at a
+    /// busy source is waiting, not stalled.
+    heard_from: Vec<(P, Instant)>,
     in_flight: HashMap<u64, InFlight<P>>,
     /// Ranges waiting for a source, with the attempt count they carry.
     waiting: Vec<(ChunkRanges, u32)>,
@@ -130,6 +134,7 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             all,
             have,
             sources: Vec::new(),
+            heard_from: Vec::new(),
             in_flight: HashMap::new(),
             next_request_id: first_request_id,
             last_progress: now,
@@ -205,6 +210,7 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
     /// `source` is gone: what it owed goes back to the waiting list at once.
     pub fn remove_source(&mut self, source: &P) {
         self.sources.retain(|(s, ..)| s != source);
+        self.heard_from.retain(|(s, _)| s != source);
         let lost: Vec<u64> = self
             .in_flight
             .iter()
@@ -225,6 +231,10 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
         if let Some(f) = self.in_flight.get_mut(&request_id) {
             f.outstanding.remove(index..index + 1);
             f.last_progress = now;
+            match self.heard_from.iter_mut().find(|(s, _)| *s == f.source) {
+                Some(entry) => entry.1 = now,
+                None => self.heard_from.push((f.source.clone(), now)),
+            }
             if f.outstanding.is_empty() {
                 self.in_flight.remove(&request_id);
             }
@@ -275,10 +285,18 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             return;
         }
         self.in_flight.retain(|_, f| !f.outstanding.is_empty());
+        let quiet = |source: &P| {
+            self.heard_from
+                .iter()
+                .find(|(s, _)| s == source)
+                .is_none_or(|(_, t)| now.duration_since(*t) >= self.config.missing_after)
+        };
         let stalled: Vec<u64> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| now.duration_since(f.last_progress) >= self.config.missing_after)
+            .filter(|(_, f)| {
+                now.duration_since(f.last_progress) >= self.config.missing_after && quiet(&f.source)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in stalled {
@@ -560,6 +578,40 @@ mod tests {
             r,
             vec![(1, vec![3]), (1, vec![4]), (2, vec![0, 1, 2]), (3, vec![5])]
         );
+    }
+
+    #[test]
+    fn a_request_queued_behind_others_at_a_busy_source_is_not_a_stall() {
+        let t = Instant::now();
+        let mut cfg = config();
+        cfg.max_in_flight = 2;
+        let mut f = Fetch::new(&meta(6), ChunkRanges::new(), cfg, t, 1).expect("shape");
+        f.add_source(1u8, ChunkRanges::full(6));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        assert_eq!(requests(&out), vec![(1, 1, vec![0, 1], false)]);
+        let s = Duration::from_secs;
+        assert!(f.on_chunk(t + s(1), 1, 0));
+        out.clear();
+        f.poll(t + s(1), &mut out);
+        assert_eq!(requests(&out), vec![(1, 2, vec![2], false)]);
+        // Request 2 has seen nothing for 6 s, but the source sent request 1's chunk 1 s ago.
+        assert!(f.on_chunk(t + s(6), 1, 1));
+        out.clear();
+        f.poll(t + s(7), &mut out);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, FetchOutput::Missing { .. } | FetchOutput::Cancel { .. })),
+            "{out:?}"
+        );
+        // Silent as a whole for missing_after: now it is a stall.
+        out.clear();
+        f.poll(t + s(11), &mut out);
+        assert!(out.contains(&FetchOutput::Missing {
+            source: 1,
+            request_id: 2,
+            ranges: [2].into_iter().collect(),
+        }));
     }
 
     #[test]

@@ -162,6 +162,14 @@ struct PeerQueues {
     relayed: mpsc::Sender<Vec<u8>>,
 }
 
+/// What a neighbour can fetch for us, learned from the offers it forwarded.
+#[derive(Debug, Default, Clone)]
+struct Route {
+    via: ChunkRanges,
+    /// The most hops left on an offer it forwarded: higher means nearer a holder.
+    hops: u8,
+}
+
 /// A request this node forwarded upstream on behalf of a neighbour.
 struct Relayed {
     downstream: PeerId,
@@ -179,7 +187,8 @@ struct State {
     /// What each neighbour holds of each file (from its own offers).
     holders: HashMap<FileId, HashMap<PeerId, ChunkRanges>>,
     /// What each neighbour can fetch for us: offers it forwarded from farther holders.
-    routes: HashMap<FileId, HashMap<PeerId, ChunkRanges>>,
+    /// With the most hops left of any offer it passed on: the higher, the nearer a holder.
+    routes: HashMap<FileId, HashMap<PeerId, Route>>,
     /// Requests forwarded upstream, by the id used upstream.
     relayed: HashMap<u64, Relayed>,
     /// The latest offer heard for each file held elsewhere, ready to pass on (hops already
@@ -463,8 +472,11 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
             let State {
                 holders, routes, ..
             } = &mut *st;
-            for h in holders.values_mut().chain(routes.values_mut()) {
+            for h in holders.values_mut() {
                 h.remove(&peer);
+            }
+            for r in routes.values_mut() {
+                r.remove(&peer);
             }
             st.relayed
                 .retain(|_, r| r.downstream != peer && r.upstream != peer);
@@ -537,8 +549,9 @@ fn serve_held(
     held
 }
 
-/// The neighbour to forward a request to: one that holds some of `rest` itself, else one
-/// that relays for a holder; never the neighbour the request came from or its requester.
+/// The neighbour to forward a request to: one that holds some of `rest` itself, else the
+/// relay nearest a holder (so requests move toward holders and do not wander in circles
+/// until their hops run out); never the neighbour the request came from or its requester.
 fn pick_upstream(
     st: &State,
     file_id: FileId,
@@ -546,15 +559,21 @@ fn pick_upstream(
     requester: PeerId,
     rest: &ChunkRanges,
 ) -> Option<PeerId> {
-    let usable = |m: Option<&HashMap<PeerId, ChunkRanges>>| -> Option<PeerId> {
-        m?.iter()
-            .filter(|(p, have)| {
-                **p != from && **p != requester && !have.intersection(rest).is_empty()
-            })
+    let allowed = |p: &PeerId| *p != from && *p != requester;
+    let holder = st.holders.get(&file_id).and_then(|m| {
+        m.iter()
+            .filter(|(p, have)| allowed(p) && !have.intersection(rest).is_empty())
             .max_by_key(|(_, have)| have.intersection(rest).len())
             .map(|(p, _)| *p)
-    };
-    usable(st.holders.get(&file_id)).or_else(|| usable(st.routes.get(&file_id)))
+    });
+    holder.or_else(|| {
+        st.routes
+            .get(&file_id)?
+            .iter()
+            .filter(|(p, r)| allowed(p) && !r.via.intersection(rest).is_empty())
+            .max_by_key(|(_, r)| (r.hops, r.via.intersection(rest).len()))
+            .map(|(p, _)| *p)
+    })
 }
 
 /// What a forwarded request carries upstream.
@@ -654,8 +673,9 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
                 if origin != peer && meta.chunk_count().is_ok() {
                     // The neighbour forwarded someone else's offer: it can relay requests.
                     let known = st.routes.entry(id).or_default().entry(peer).or_default();
-                    *known = known.union(&have);
-                    let via = known.clone();
+                    known.via = known.via.union(&have);
+                    known.hops = known.hops.max(hops);
+                    let via = known.via.clone();
                     if let Some(a) = st.active.get_mut(&id) {
                         a.fetch.add_relay(peer, via);
                     }
@@ -992,33 +1012,51 @@ fn on_tick(inner: &Arc<Inner>) {
                         request_id,
                         ranges,
                         from_origin,
-                        ..
-                    } => sends.push((
-                        source,
-                        PoolMessage::FileRequest {
-                            request_id,
-                            requester: inner.me(),
-                            file_id: *id,
-                            requested: ranges,
-                            promised: ChunkRanges::new(),
-                            from_origin,
-                            // An offer reaches offer_hops + 1 nodes away (the last one
-                            // does not forward it), so the route can be that long.
-                            hops_left: inner.config.offer_hops + 1,
-                        },
-                    )),
+                        attempt,
+                    } => {
+                        if attempt > 0 {
+                            tracing::info!(
+                                ?source,
+                                attempt,
+                                chunks = ranges.len(),
+                                "re-requesting after a stall"
+                            );
+                        }
+                        sends.push((
+                            source,
+                            PoolMessage::FileRequest {
+                                request_id,
+                                requester: inner.me(),
+                                file_id: *id,
+                                requested: ranges,
+                                promised: ChunkRanges::new(),
+                                from_origin,
+                                // An offer reaches offer_hops + 1 nodes away (the last one
+                                // does not forward it), so the route can be that long.
+                                hops_left: inner.config.offer_hops + 1,
+                            },
+                        ))
+                    }
                     FetchOutput::Missing {
                         source,
                         request_id,
                         ranges,
-                    } => sends.push((
-                        source,
-                        PoolMessage::ChunksMissing {
+                    } => {
+                        tracing::info!(
+                            ?source,
                             request_id,
-                            file_id: *id,
-                            missing: ranges,
-                        },
-                    )),
+                            missing = ranges.len(),
+                            "request stalled; chunks missing"
+                        );
+                        sends.push((
+                            source,
+                            PoolMessage::ChunksMissing {
+                                request_id,
+                                file_id: *id,
+                                missing: ranges,
+                            },
+                        ))
+                    }
                     FetchOutput::Cancel { source, request_id } => sends.push((
                         source,
                         PoolMessage::Cancel {
@@ -1143,8 +1181,8 @@ fn start_waiting(inner: &Arc<Inner>, st: &mut State) {
         match started {
             Ok((part, mut fetch)) => {
                 if let Some(r) = st.routes.get(&id) {
-                    for (p, via) in r {
-                        fetch.add_relay(*p, via.clone());
+                    for (p, route) in r {
+                        fetch.add_relay(*p, route.via.clone());
                     }
                 }
                 if let Some(h) = st.holders.get(&id) {
