@@ -43,6 +43,11 @@ enum Command {
         #[command(flatten)]
         options: tidepool_load_test::pool_run::PoolRunConfig,
     },
+    /// Rebuild a pool campaign's report.html and plots from its results.json.
+    PoolReport {
+        /// The campaign's run directory (its --out).
+        dir: PathBuf,
+    },
     /// Build the side-by-side table and chart from a campaign's runs file.
     Report {
         /// JSON-lines file written by benchmarks/compare-trackers.
@@ -142,6 +147,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::PoolReport { dir } => tidepool_load_test::pool_report::rebuild(&dir),
         Command::Report { runs, out } => tidepool_load_test::report::write(&runs, &out),
     }
 }

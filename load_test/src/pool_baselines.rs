@@ -9,12 +9,12 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// Bare data channels, all pairs at once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RawBaseline {
     /// Sender/receiver pairs (one process each).
     pub pairs: usize,
@@ -27,7 +27,7 @@ pub struct RawBaseline {
 }
 
 /// npm webtorrent moving the same file through the same tracker.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WebtorrentBaseline {
     /// The installed webtorrent version.
     pub version: String,

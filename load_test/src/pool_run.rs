@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use crate::pool_baselines::{RawBaseline, WebtorrentBaseline};
 
 /// What a campaign runs. Every field is a `pool` flag of `tidepool-load-test`.
-#[derive(Debug, Clone, Serialize, clap::Args)]
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
 pub struct PoolRunConfig {
     /// Node processes, seeders included (relays not included).
     #[arg(long, default_value_t = 9)]
@@ -115,7 +115,7 @@ impl Default for PoolRunConfig {
 }
 
 /// A node's part in the campaign.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Starts with the file.
@@ -127,7 +127,7 @@ pub enum Role {
 }
 
 /// One node's numbers, summed over its restarts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeResult {
     /// Its place in the campaign (also its directory name).
     pub index: usize,
@@ -160,7 +160,7 @@ pub struct NodeResult {
 }
 
 /// The pool at one moment.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
     /// Seconds since the start.
     pub t: f64,
@@ -177,7 +177,7 @@ pub struct Sample {
 }
 
 /// A campaign's outcome.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolRunResult {
     /// What ran.
     pub config: PoolRunConfig,
@@ -206,7 +206,7 @@ pub struct PoolRunResult {
 }
 
 /// The numbers a report leads with.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Summary {
     /// Fetchers that finished verified / fetchers that stayed in the pool.
     pub completed: usize,
