@@ -139,6 +139,9 @@ pub struct NodeResult {
     pub removed: bool,
     /// Seconds from the campaign start to its verified file.
     pub completion_secs: Option<f64>,
+    /// Seconds from the campaign start to its first chunk (its first status line with any).
+    #[serde(default)]
+    pub first_chunk_secs: Option<f64>,
     /// Whether its finished file hashed the same as the source.
     pub verified: Option<bool>,
     /// Verified bytes held at the end.
@@ -220,6 +223,10 @@ pub struct Summary {
     pub completion_max: Option<f64>,
     /// Fetched bytes over the time until the last fetcher finished, MiB/s.
     pub goodput_mib_s: f64,
+    /// Fetched bytes over the time from the first chunk anywhere to the last fetcher
+    /// done (set-up excluded, as the bare data-channel baseline measures), MiB/s.
+    #[serde(default)]
+    pub transfer_goodput_mib_s: f64,
     /// Received bytes beyond the file, over the file, summed over fetchers.
     pub duplicate_ratio: f64,
     /// Chunks-missing rounds, all fetchers.
@@ -426,6 +433,9 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
             config.cache_mib.to_string(),
             "--cache-dir".into(),
             node_dir.join("cache").display().to_string(),
+            // Four status lines a second: completion and first-chunk times to ±250 ms.
+            "--status-every-ms".into(),
+            "250".into(),
             "--json".into(),
         ]);
         args
@@ -445,6 +455,7 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
             restarts: 0,
             removed: false,
             completion_secs: None,
+            first_chunk_secs: None,
             verified: None,
             have_bytes: 0,
             received_bytes: 0,
@@ -541,6 +552,9 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
                         continue;
                     }
                     if let Some(s) = Status::from_json(&v) {
+                        if s.have > slot.base.have && slot.result.first_chunk_secs.is_none() {
+                            slot.result.first_chunk_secs = Some(start.elapsed().as_secs_f64());
+                        }
                         slot.last = s;
                     }
                     if let Some(path) = v.get("done").and_then(|p| p.as_str())
@@ -671,6 +685,19 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
         None => None,
     };
     let fetcher_count = config.nodes - config.seeders;
+    // Bare pairs first: webtorrent writes every copy to disk, and its write-back would
+    // slow whatever runs next; the pool's own copies are flushed before either starts.
+    if config.raw_baseline || config.webtorrent.is_some() {
+        let _ = Command::new("sync").status().await;
+    }
+    let raw_baseline = if config.raw_baseline {
+        if !config.quiet {
+            eprintln!("raw baseline: {fetcher_count} data-channel pairs");
+        }
+        Some(crate::pool_baselines::raw(&node_bin, fetcher_count, config.file_mib).await?)
+    } else {
+        None
+    };
     let webtorrent = match &config.webtorrent {
         Some(interop) => {
             if !config.quiet {
@@ -691,14 +718,6 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
             )
         }
         None => None,
-    };
-    let raw_baseline = if config.raw_baseline {
-        if !config.quiet {
-            eprintln!("raw baseline: {fetcher_count} data-channel pairs");
-        }
-        Some(crate::pool_baselines::raw(&node_bin, fetcher_count, config.file_mib).await?)
-    } else {
-        None
     };
     if let Some(t) = tracker {
         t.shutdown();
@@ -765,6 +784,16 @@ fn summarize(nodes: &[NodeResult], file_bytes: u64) -> Summary {
         goodput_mib_s: times
             .last()
             .map_or(0.0, |t| got as f64 / 1048576.0 / t.max(0.001)),
+        transfer_goodput_mib_s: match (
+            times.last(),
+            survivors
+                .iter()
+                .filter_map(|n| n.first_chunk_secs)
+                .reduce(f64::min),
+        ) {
+            (Some(last), Some(first)) => got as f64 / 1048576.0 / (last - first).max(0.001),
+            _ => 0.0,
+        },
         duplicate_ratio: received.saturating_sub(wanted) as f64 / wanted.max(1) as f64,
         missing_rounds: fetchers.clone().map(|n| n.missing_rounds).sum(),
         seeder_served_bytes: nodes

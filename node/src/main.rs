@@ -57,6 +57,9 @@ struct PoolArgs {
     /// Seconds without any chunk before a download gives up.
     #[arg(long, default_value_t = 120)]
     give_up_after_secs: u64,
+    /// Milliseconds between `--json` status lines.
+    #[arg(long, default_value_t = 1000)]
+    status_every_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,14 +132,16 @@ fn status_json(pool: &Pool, p: Option<&tidepool_node::pool::Progress>) -> serde_
     v
 }
 
-/// Serves until Ctrl-C (or SIGTERM), printing a status line each second with `--json`.
+/// Serves until Ctrl-C (or SIGTERM), printing a status line every `status_every_ms` with
+/// `--json`.
 async fn serve_until_interrupted(
     pool: &Pool,
     json: bool,
+    j: &PoolArgs,
     last: Option<tidepool_node::pool::Progress>,
 ) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut every = tokio::time::interval(Duration::from_secs(1));
+    let mut every = status_interval(j);
     loop {
         tokio::select! {
             _ = every.tick(), if json => println!("{}", status_json(pool, last.as_ref())),
@@ -168,6 +173,10 @@ fn node_config(j: &PoolArgs) -> NodeConfig {
         })
         .collect();
     config
+}
+
+fn status_interval(j: &PoolArgs) -> tokio::time::Interval {
+    tokio::time::interval(Duration::from_millis(j.status_every_ms.max(10)))
 }
 
 async fn start_pool(j: &PoolArgs) -> anyhow::Result<Pool> {
@@ -207,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!("sharing {} as {}", file.display(), id.to_hex());
             }
-            serve_until_interrupted(&pool, json, None).await
+            serve_until_interrupted(&pool, json, &join, None).await
         }
         Command::Serve { join, json } => {
             let pool = start_pool(&join).await?;
@@ -217,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!("relaying for pool {:?} as {}", join.pool, short(&me));
             }
-            serve_until_interrupted(&pool, json, None).await
+            serve_until_interrupted(&pool, json, &join, None).await
         }
         Command::Get {
             file_id,
@@ -257,7 +266,7 @@ async fn main() -> anyhow::Result<()> {
                 watcher.abort();
                 result
             } else {
-                let mut every = tokio::time::interval(Duration::from_secs(1));
+                let mut every = status_interval(&join);
                 let finished = download.finished();
                 tokio::pin!(finished);
                 loop {
@@ -285,7 +294,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("verified and saved to {}", path.display());
             }
             if stay {
-                serve_until_interrupted(&pool, json, Some(last.borrow().clone())).await?;
+                serve_until_interrupted(&pool, json, &join, Some(last.borrow().clone())).await?;
             }
             Ok(())
         }
