@@ -204,37 +204,22 @@ fn bytes_per_node(r: &PoolRunResult, path: &Path) -> anyhow::Result<()> {
         })
         .y_desc("MiB")
         .draw()?;
-    let bar = |i: usize, offset: f64, mib: f64, color: RGBColor| {
-        let x0 = i as f64 + offset;
-        Rectangle::new([(x0, 0.0), (x0 + 0.27, mib)], color.filled())
-    };
-    chart
-        .draw_series(
-            r.nodes
-                .iter()
-                .enumerate()
-                .map(|(i, x)| bar(i, 0.1, x.received_bytes as f64 / MIB, BLUE)),
-        )?
-        .label("received (own requests)")
-        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLUE.filled()));
-    chart
-        .draw_series(
-            r.nodes
-                .iter()
-                .enumerate()
-                .map(|(i, x)| bar(i, 0.37, x.served_bytes as f64 / MIB, GREEN)),
-        )?
-        .label("served from own copy")
-        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], GREEN.filled()));
-    chart
-        .draw_series(
-            r.nodes
-                .iter()
-                .enumerate()
-                .map(|(i, x)| bar(i, 0.64, x.relayed_bytes as f64 / MIB, RED)),
-        )?
-        .label("relayed for others")
-        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], RED.filled()));
+    let series: [(&str, RGBColor, fn(&crate::pool_run::NodeResult) -> u64); 3] = [
+        ("received (own requests)", BLUE, |n| n.received_bytes),
+        ("served from own copy", GREEN, |n| n.served_bytes),
+        ("relayed for others", RED, |n| n.relayed_bytes),
+    ];
+    for (k, (label, color, bytes)) in series.into_iter().enumerate() {
+        let offset = 0.1 + 0.27 * k as f64;
+        chart
+            .draw_series(r.nodes.iter().enumerate().map(|(i, n)| {
+                let x0 = i as f64 + offset;
+                let mib = bytes(n) as f64 / MIB;
+                Rectangle::new([(x0, 0.0), (x0 + 0.27, mib)], color.filled())
+            }))?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
