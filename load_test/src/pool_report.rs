@@ -8,9 +8,12 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::pool_run::{PoolRunResult, Role};
+use crate::pool_run::{NodeResult, PoolRunResult, Role};
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// Which of a node's byte counters a bar shows.
+type NodeBytes = fn(&NodeResult) -> u64;
 
 /// Rebuilds the report of the run in `dir` from its `results.json`.
 pub fn rebuild(dir: &Path) -> anyhow::Result<()> {
@@ -204,7 +207,7 @@ fn bytes_per_node(r: &PoolRunResult, path: &Path) -> anyhow::Result<()> {
         })
         .y_desc("MiB")
         .draw()?;
-    let series: [(&str, RGBColor, fn(&crate::pool_run::NodeResult) -> u64); 3] = [
+    let series: [(&str, RGBColor, NodeBytes); 3] = [
         ("received (own requests)", BLUE, |n| n.received_bytes),
         ("served from own copy", GREEN, |n| n.served_bytes),
         ("relayed for others", RED, |n| n.relayed_bytes),
