@@ -194,7 +194,7 @@ pub struct PoolRunResult {
     pub all_verified: bool,
     /// Per node.
     pub nodes: Vec<NodeResult>,
-    /// Once a second (faster when churn rounds are shorter).
+    /// Every 250 ms.
     pub timeline: Vec<Sample>,
     /// Kernel UDP receive-buffer drops during the run (whole machine).
     pub udp_drops: Option<u64>,
@@ -535,10 +535,9 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
 
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(config.deadline);
-    // Sampled each second, or faster when churn rounds come faster.
-    let period = Duration::from_secs_f64(config.churn_every.clamp(0.1, 2.0) / 2.0)
-        .min(Duration::from_secs(1));
-    let mut tick = tokio::time::interval(period);
+    // Sampled as often as the nodes report (every 250 ms), so churn, kills and the
+    // timeline react within one report.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut next_churn = start + Duration::from_secs_f64(config.churn_every.max(0.1));
     let mut rng = fastrand::Rng::with_seed(config.seed ^ 0x5eed);
     let mut timeline = Vec::new();

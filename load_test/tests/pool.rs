@@ -151,12 +151,13 @@ fn fetchers_cut_off_from_the_seeder_finish_through_a_relay_whose_memory_stays_bo
 #[test]
 fn a_relay_killed_mid_transfer_leaves_everyone_else_finishing() {
     // Two relays hold the seeder's two slots; the busier one dies once it has relayed
-    // 8 MiB. The fetchers that went through it re-ask through the other (or the seeder,
-    // whose freed slot a fetcher may take).
+    // 8 MiB (of the 4 × 64 MiB the fetchers need, so well before the end). The fetchers
+    // that went through it re-ask through the other (or the seeder, whose freed slot a
+    // fetcher may take).
     let r = campaign("relay-killed", |c| {
         c.nodes = 5;
         c.relays = 2;
-        c.file_mib = 32;
+        c.file_mib = 64;
         c.seeder_max_peers = Some(2);
         c.rotate_after = Some(3600);
         c.kill_top_relay_after_mib = 8.0;
