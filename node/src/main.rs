@@ -140,14 +140,24 @@ async fn serve_until_interrupted(
     j: &PoolArgs,
     last: Option<tidepool_node::pool::Progress>,
 ) -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut every = status_interval(j);
+    let stop = interrupted();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = every.tick(), if json => println!("{}", status_json(pool, last.as_ref())),
-            r = tokio::signal::ctrl_c() => return Ok(r?),
-            _ = term.recv() => return Ok(()),
+            r = &mut stop => return r,
         }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM. Handled rather than left to the default action so the
+/// pool is dropped on the way out, which records a download's held chunks for resuming.
+async fn interrupted() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => Ok(r?),
+        _ = term.recv() => Ok(()),
     }
 }
 
@@ -262,16 +272,28 @@ async fn main() -> anyhow::Result<()> {
                     }
                     bar.finish();
                 });
-                let result = download.finished().await;
+                let result = tokio::select! {
+                    r = download.finished() => r,
+                    r = interrupted() => {
+                        r?;
+                        anyhow::bail!("interrupted; run the same command again to resume");
+                    }
+                };
                 watcher.abort();
                 result
             } else {
                 let mut every = status_interval(&join);
                 let finished = download.finished();
                 tokio::pin!(finished);
+                let stop = interrupted();
+                tokio::pin!(stop);
                 loop {
                     tokio::select! {
                         r = &mut finished => break r,
+                        r = &mut stop => {
+                            r?;
+                            anyhow::bail!("interrupted; run the same command again to resume");
+                        }
                         _ = every.tick() => {
                             // Cloned first: a held borrow blocks the pipeline's publishing,
                             // which happens under the lock `status_json` takes.
