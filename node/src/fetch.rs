@@ -207,6 +207,47 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
         self.waiting = rotated;
     }
 
+    /// Of `ranges`, the chunks this download will get from a source that holds them
+    /// itself: missing here, held by a source, and not in flight through a relay. Only
+    /// those may be promised to a neighbour: a promise that waits on a relay can wait on
+    /// another promise, and promises around a cycle would wait on each other for good.
+    pub fn promisable(&self, ranges: &ChunkRanges) -> ChunkRanges {
+        let direct = self
+            .sources
+            .iter()
+            .fold(ChunkRanges::new(), |acc, (_, holds, _)| acc.union(holds));
+        let mut out = ranges.intersection(&direct).difference(&self.have);
+        for f in self.in_flight.values() {
+            let holds = self
+                .sources
+                .iter()
+                .find(|(s, ..)| *s == f.source)
+                .map(|(_, holds, _)| holds.clone())
+                .unwrap_or_default();
+            out = out.difference(&f.outstanding.difference(&holds));
+        }
+        out
+    }
+
+    /// Moves `ranges` (those still waiting) to the front of the queue: a neighbour asked
+    /// this node for them, and is served from this download's copy as they arrive.
+    pub fn prioritize(&mut self, ranges: &ChunkRanges) {
+        let mut front = Vec::new();
+        for (w, attempt) in &mut self.waiting {
+            let urgent = w.intersection(ranges);
+            if !urgent.is_empty() {
+                *w = w.difference(&urgent);
+                front.push((urgent, *attempt));
+            }
+        }
+        if front.is_empty() {
+            return;
+        }
+        self.waiting.retain(|(w, _)| !w.is_empty());
+        front.append(&mut self.waiting);
+        self.waiting = front;
+    }
+
     /// `source` is gone: what it owed goes back to the waiting list at once.
     pub fn remove_source(&mut self, source: &P) {
         self.sources.retain(|(s, ..)| s != source);
@@ -245,6 +286,7 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
         }
         self.have.insert(index..index + 1);
         self.last_progress = now;
+
         // A chunk that came another way is no longer wanted from anyone.
         for (w, _) in &mut self.waiting {
             w.remove(index..index + 1);
@@ -464,6 +506,57 @@ mod tests {
         assert_eq!(more.len(), 1);
         let asked: ChunkRanges = r.iter().chain(&more).flat_map(|x| x.2.clone()).collect();
         assert_eq!(asked, ChunkRanges::full(10));
+    }
+
+    #[test]
+    fn prioritized_chunks_are_asked_for_first() {
+        let t = Instant::now();
+        let mut f = Fetch::new(&meta(20), ChunkRanges::new(), config(), t, 1).expect("shape");
+        f.prioritize(&ChunkRanges::from_range(12..14));
+        f.add_source(1u8, ChunkRanges::full(20));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        let mut r = requests(&out);
+        let first: Vec<u32> = r.iter().flat_map(|x| x.2.clone()).collect();
+        assert_eq!(first[..2], [12, 13], "asked-for chunks lead: {r:?}");
+        assert_eq!(first.len(), 4, "within the in-flight bound");
+        // Every chunk is still asked for exactly once in the end.
+        let mut asked = first;
+        while asked.len() < 20 {
+            for (_, id, chunks, _) in &r {
+                for i in chunks {
+                    assert!(f.on_chunk(t, *id, *i));
+                }
+            }
+            out.clear();
+            f.poll(t, &mut out);
+            r = requests(&out);
+            assert!(!r.is_empty());
+            asked.extend(r.iter().flat_map(|x| x.2.clone()));
+        }
+        asked.sort_unstable();
+        assert_eq!(asked, (0..20).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn only_chunks_coming_from_a_holder_are_promisable() {
+        let t = Instant::now();
+        let mut f =
+            Fetch::new(&meta(12), ChunkRanges::from_range(0..2), config(), t, 1).expect("shape");
+        // Source 1 holds 2..6 itself; source 2 only relays 6..12 from farther away.
+        f.add_source(1u8, ChunkRanges::from_range(2..6));
+        f.add_relay(2u8, ChunkRanges::from_range(6..12));
+        let all = ChunkRanges::full(12);
+        assert_eq!(f.promisable(&all), ChunkRanges::from_range(2..6));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        // In flight now (2..6 from the holder, 6..10 through the relay): the same answer.
+        assert_eq!(requests(&out).len(), 2);
+        assert_eq!(f.promisable(&all), ChunkRanges::from_range(2..6));
+        // Source 1 comes to hold 6..8 too, which are in flight through the relay: still
+        // not promisable, since they wait on the relay.
+        f.add_source(1u8, ChunkRanges::from_range(2..8));
+        assert_eq!(f.promisable(&all), ChunkRanges::from_range(2..6));
     }
 
     #[test]
