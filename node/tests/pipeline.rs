@@ -338,3 +338,56 @@ async fn a_downloader_with_no_holder_among_its_neighbours_fetches_through_a_rela
     assert!(relay.uploaded().served_bytes >= p.total_bytes);
     tracker.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downloader_behind_another_downloader_gets_its_copy_as_promised_with_nothing_relayed_or_fetched_twice()
+ {
+    let _serial = one_at_a_time().await;
+    let tracker = tracker();
+    let dir = temp("promise");
+    let source = random_file(&dir, 6 * 1024 * 1024 + 777);
+    // A chain: seeder (one slot) – middle downloader (two) – end downloader (one).
+    let cfg = |max: usize| {
+        let mut c = node_config(&tracker, "promise");
+        c.max_peers = max;
+        c.rotate_after = Duration::from_secs(600);
+        c
+    };
+    let seeder = pool(cfg(1), pool_config()).await;
+    let id = seeder.share(&source).expect("shares");
+    let middle = pool(cfg(2), pool_config()).await;
+    eventually("seeder and middle connected", || {
+        seeder.node().connected_peers().len() == 1
+    })
+    .await;
+    let end = pool(cfg(1), pool_config()).await;
+    eventually("end behind the middle", || {
+        end.node().connected_peers() == vec![middle.node().peer_id()]
+    })
+    .await;
+    // Both download at once: the end asks the middle for chunks the middle does not
+    // hold yet, which it promises and sends as they arrive from the seeder.
+    let middle_dl = start_get(&middle, id, &dir.join("middle.bin")).await;
+    let end_dl = start_get(&end, id, &dir.join("end.bin")).await;
+    let want = std::fs::read(&source).expect("read");
+    for (who, dl) in [("middle", middle_dl), ("end", end_dl)] {
+        let progress = dl.progress.clone();
+        let path = tokio::time::timeout(WAIT, dl.finished())
+            .await
+            .expect("in time")
+            .expect("verified");
+        assert_eq!(std::fs::read(path).expect("read"), want, "{who}");
+        let p = progress.borrow().clone();
+        assert!(
+            p.received_bytes as f64 <= 1.05 * want.len() as f64,
+            "{who} fetched chunks twice: {p:?}"
+        );
+    }
+    let up = middle.uploaded();
+    assert_eq!(up.relayed_bytes, 0, "nothing passed through: {up:?}");
+    assert!(
+        up.served_bytes >= want.len() as u64,
+        "the end's copy came from the middle's: {up:?}"
+    );
+    tracker.shutdown();
+}
