@@ -99,6 +99,13 @@ fn message() -> impl Strategy<Value = PoolMessage> {
             request_id,
             file_id: FileId(f)
         }),
+        (any::<u64>(), id32(), ranges()).prop_map(|(request_id, f, chunks)| {
+            PoolMessage::Unavailable {
+                request_id,
+                file_id: FileId(f),
+                chunks,
+            }
+        }),
     ]
 }
 

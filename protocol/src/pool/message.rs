@@ -1,6 +1,7 @@
 //! The pool messages nodes exchange on data channels, binary and versioned: who offers
 //! which file (gossiped through the mesh), requests with requested and promised chunk
-//! ranges, chunks with their hash-tree proofs, chunks-missing reports and cancels.
+//! ranges, chunks with their hash-tree proofs, chunks-missing reports, cancels, and a
+//! source's word that it will not send some chunks of a request after all.
 //!
 //! Layout: `[version = 1][kind][fields…]`, integers little-endian, strings and lists
 //! length-prefixed; every length is checked against [`PoolLimits`] before anything is
@@ -22,6 +23,7 @@ const REQUEST: u8 = 3;
 const CHUNK: u8 = 4;
 const MISSING: u8 = 5;
 const CANCEL: u8 = 6;
+const UNAVAILABLE: u8 = 7;
 
 /// Bounds on what a decoder accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +122,16 @@ pub enum PoolMessage {
         request_id: u64,
         /// The file.
         file_id: FileId,
+    },
+    /// Sent by a source: it will not send these chunks of a request (it lost them, or its
+    /// path to them), so the requester asks elsewhere now rather than after a stall.
+    Unavailable {
+        /// The request.
+        request_id: u64,
+        /// The file.
+        file_id: FileId,
+        /// The chunks that will not come.
+        chunks: ChunkRanges,
     },
 }
 
@@ -248,6 +260,16 @@ impl PoolMessage {
                 out.extend_from_slice(&request_id.to_le_bytes());
                 out.extend_from_slice(&file_id.0);
             }
+            PoolMessage::Unavailable {
+                request_id,
+                file_id,
+                chunks,
+            } => {
+                out.push(UNAVAILABLE);
+                out.extend_from_slice(&request_id.to_le_bytes());
+                out.extend_from_slice(&file_id.0);
+                chunks.encode(out);
+            }
         }
     }
 
@@ -354,6 +376,11 @@ impl PoolMessage {
             CANCEL => PoolMessage::Cancel {
                 request_id: r.u64("request id")?,
                 file_id: FileId(r.array("file id")?),
+            },
+            UNAVAILABLE => PoolMessage::Unavailable {
+                request_id: r.u64("request id")?,
+                file_id: FileId(r.array("file id")?),
+                chunks: r.ranges(limits)?,
             },
             other => return Err(PoolError::Kind(other)),
         };
