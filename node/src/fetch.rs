@@ -248,6 +248,29 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
         self.waiting = front;
     }
 
+    /// `source` will not send `chunks` of `request_id` after all: they go back to the
+    /// waiting list at once, and that source is not asked for them again until it offers
+    /// them anew.
+    pub fn unavailable(&mut self, source: &P, request_id: u64, chunks: &ChunkRanges) {
+        let Some(f) = self.in_flight.get_mut(&request_id) else {
+            return;
+        };
+        if f.source != *source {
+            return;
+        }
+        let lost = f.outstanding.intersection(chunks);
+        if lost.is_empty() {
+            return;
+        }
+        f.outstanding = f.outstanding.difference(&lost);
+        let attempt = f.attempt;
+        if let Some((_, holds, via)) = self.sources.iter_mut().find(|(s, ..)| s == source) {
+            *holds = holds.difference(&lost);
+            *via = via.difference(&lost);
+        }
+        self.waiting.push((lost, attempt));
+    }
+
     /// `source` is gone: what it owed goes back to the waiting list at once.
     pub fn remove_source(&mut self, source: &P) {
         self.sources.retain(|(s, ..)| s != source);
@@ -536,6 +559,30 @@ mod tests {
         }
         asked.sort_unstable();
         assert_eq!(asked, (0..20).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn chunks_a_source_says_will_not_come_are_asked_of_another_at_once() {
+        let t = Instant::now();
+        let mut f = Fetch::new(&meta(4), ChunkRanges::new(), config(), t, 1).expect("shape");
+        f.add_relay(1u8, ChunkRanges::full(4));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        let r = requests(&out);
+        assert_eq!(r.len(), 1);
+        f.add_relay(2u8, ChunkRanges::full(4));
+        // The relay lost its path to 2..4; another relay is asked right away, no stall.
+        f.unavailable(&1u8, r[0].1, &ChunkRanges::from_range(2..4));
+        out.clear();
+        f.poll(t, &mut out);
+        let again = requests(&out);
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!((again[0].0, again[0].2.clone()), (2u8, vec![2, 3]));
+        // From another source (or a stale id) it changes nothing.
+        f.unavailable(&1u8, again[0].1, &ChunkRanges::from_range(2..4));
+        out.clear();
+        f.poll(t, &mut out);
+        assert!(requests(&out).is_empty());
     }
 
     #[test]

@@ -186,6 +186,9 @@ struct Promise {
 /// open, and one that asks for more gets the newest kept (it re-asks for the rest).
 const MAX_PROMISES_PER_PEER: usize = 64;
 
+/// Cancelled request ids remembered, all neighbours together.
+const MAX_CANCELLED: usize = 4096;
+
 /// What a neighbour can fetch for us, learned from the offers it forwarded.
 #[derive(Debug, Default, Clone)]
 struct Route {
@@ -201,6 +204,9 @@ struct Relayed {
     file_id: FileId,
     upstream: PeerId,
     outstanding: ChunkRanges,
+    /// Who asked first, and the hops the request had left here (to send it on again).
+    requester: PeerId,
+    hops_left: u8,
 }
 
 #[derive(Default)]
@@ -469,8 +475,8 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
                 v.extend(
                     st.active
                         .values()
-                        .filter(|a| !a.part.have().is_empty())
-                        .map(|a| inner.neighbour_offer(a.part.meta(), a.part.have().clone())),
+                        .filter(|a| !a.part.servable().is_empty())
+                        .map(|a| inner.neighbour_offer(a.part.meta(), a.part.servable().clone())),
                 );
                 if let Some(c) = &st.cache {
                     v.extend(
@@ -512,10 +518,27 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
             for r in routes.values_mut() {
                 r.remove(&peer);
             }
-            st.relayed
-                .retain(|_, r| r.downstream != peer && r.upstream != peer);
+            st.relayed.retain(|_, r| r.downstream != peer);
+            st.cancelled.retain(|(p, _)| *p != peer);
+            let orphaned: Vec<u64> = st
+                .relayed
+                .iter()
+                .filter(|(_, r)| r.upstream == peer)
+                .map(|(id, _)| *id)
+                .collect();
+            let orphaned: Vec<Relayed> = orphaned
+                .iter()
+                .filter_map(|id| st.relayed.remove(id))
+                .collect();
             for a in st.active.values_mut() {
                 a.fetch.remove_source(&peer);
+            }
+            drop(st);
+            // Requests passed on through the peer that left go another way at once: the
+            // requester only sees this node, busy with its other requests, and would
+            // wait until it went quiet to re-ask.
+            for r in orphaned {
+                reroute(inner, r);
             }
         }
         Event::Message {
@@ -562,7 +585,7 @@ fn serve_held(
     } else if from_origin {
         ChunkRanges::new()
     } else if let Some(a) = st.active.get(&file_id) {
-        wanted.intersection(a.part.have())
+        wanted.intersection(a.part.servable())
     } else if let Some(have) = st.cache.as_ref().and_then(|c| c.have(&file_id)) {
         wanted.intersection(have)
     } else {
@@ -579,6 +602,7 @@ fn serve_held(
             .is_err()
     {
         tracing::info!(?peer, request_id, "request queue full; dropped a request");
+        tell_unavailable(inner, peer, file_id, request_id, held.clone());
     }
     held
 }
@@ -631,6 +655,8 @@ fn forward(
 ) {
     let Some(next) = pick_upstream(&st, up.file_id, from, up.requester, &rest) else {
         tracing::info!(?from, downstream_id, ?rest, "no upstream for a request");
+        drop(st);
+        tell_unavailable(inner, from, up.file_id, downstream_id, rest);
         return;
     };
     let upstream_id = fastrand::u64(1..u64::MAX / 2);
@@ -642,6 +668,8 @@ fn forward(
             file_id: up.file_id,
             upstream: next,
             outstanding: rest.clone(),
+            requester: up.requester,
+            hops_left: up.hops_left,
         },
     );
     drop(st);
@@ -655,6 +683,53 @@ fn forward(
             promised: up.promised,
             from_origin: up.from_origin,
             hops_left: up.hops_left,
+        },
+    );
+}
+
+/// Sends what a forwarded request still waits for another way after its upstream left:
+/// promised from this node's download where it can be, else forwarded to a new upstream.
+fn reroute(inner: &Arc<Inner>, r: Relayed) {
+    let mut st = inner.state();
+    let rest = promise(
+        inner,
+        &mut st,
+        r.file_id,
+        r.downstream,
+        r.downstream_id,
+        &r.outstanding,
+    );
+    if rest.is_empty() {
+        return;
+    }
+    let upstream = Upstream {
+        requester: r.requester,
+        file_id: r.file_id,
+        promised: r.outstanding.difference(&rest),
+        from_origin: false,
+        hops_left: r.hops_left,
+    };
+    forward(inner, st, r.downstream, r.downstream_id, rest, upstream);
+}
+
+/// Tells `peer` that `chunks` of its request will not come from here, so it asks
+/// elsewhere now instead of after a stall.
+fn tell_unavailable(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    file_id: FileId,
+    request_id: u64,
+    chunks: ChunkRanges,
+) {
+    if chunks.is_empty() {
+        return;
+    }
+    inner.send_control(
+        peer,
+        &PoolMessage::Unavailable {
+            request_id,
+            file_id,
+            chunks,
         },
     );
 }
@@ -783,7 +858,7 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
             let (mine, rest) = if from_origin {
                 (ChunkRanges::new(), rest)
             } else {
-                let left = promise(&mut st, file_id, peer, request_id, &rest);
+                let left = promise(inner, &mut st, file_id, peer, request_id, &rest);
                 (rest.difference(&left), left)
             };
             if rest.is_empty() {
@@ -791,6 +866,8 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
             }
             if hops_left == 0 {
                 tracing::info!(?peer, request_id, ?rest, "request out of hops");
+                drop(st);
+                tell_unavailable(inner, peer, file_id, request_id, rest);
                 return;
             }
             // This node promised what it serves itself, so the origin skips those chunks.
@@ -815,7 +892,7 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
                 return;
             }
             // Promised from a download here (again, if the promise was dropped).
-            let left = promise(&mut st, file_id, peer, request_id, &rest);
+            let left = promise(inner, &mut st, file_id, peer, request_id, &rest);
             let promised = held.union(&rest.difference(&left));
             let rest = left;
             if rest.is_empty() {
@@ -850,12 +927,44 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
             };
             forward(inner, st, peer, request_id, rest, upstream);
         }
+        PoolMessage::Unavailable {
+            request_id,
+            file_id,
+            chunks,
+        } => {
+            let mut st = inner.state();
+            // A request forwarded from here: the word goes down the same path (not to
+            // another upstream, which could send it around in circles).
+            if let Some(r) = st.relayed.get_mut(&request_id)
+                && r.upstream == peer
+                && r.file_id == file_id
+            {
+                let lost = r.outstanding.intersection(&chunks);
+                r.outstanding = r.outstanding.difference(&lost);
+                let (down, down_id) = (r.downstream, r.downstream_id);
+                if r.outstanding.is_empty() {
+                    st.relayed.remove(&request_id);
+                }
+                drop(st);
+                tell_unavailable(inner, down, file_id, down_id, lost);
+                return;
+            }
+            if let Some(a) = st.active.get_mut(&file_id) {
+                a.fetch.unavailable(&peer, request_id, &chunks);
+            }
+        }
         PoolMessage::Cancel {
             request_id,
             file_id,
         } => {
             let upstream: Vec<(u64, PeerId)> = {
                 let mut st = inner.state();
+                // Entries go when the serving task reaches the request; cancels of requests
+                // already served would pile up (a peer could send them forever), so the set
+                // is bounded: past the bound a few chunks may go out needlessly.
+                if st.cancelled.len() >= MAX_CANCELLED {
+                    st.cancelled.clear();
+                }
                 st.cancelled.insert((peer, request_id));
                 if let Some(list) = st.promises.get_mut(&file_id) {
                     list.retain(|p| p.peer != peer || p.request_id != request_id);
@@ -1015,6 +1124,8 @@ fn send_ready(
         };
         if !kept || queues.requests.try_send(later).is_err() {
             tracing::info!(?peer, index, "queues full; dropped a chunk");
+            let lost = ChunkRanges::from_range(index..index + 1);
+            tell_unavailable(inner, peer, chunk.file_id, request_id, lost);
         }
     }
 }
@@ -1023,6 +1134,7 @@ fn send_ready(
 /// holder: they are sent as they arrive, and asked for first. Returns what is left to
 /// forward (everything when there is no such download).
 fn promise(
+    inner: &Arc<Inner>,
     st: &mut State,
     file_id: FileId,
     peer: PeerId,
@@ -1049,7 +1161,8 @@ fn promise(
             if list.iter().filter(|p| p.peer == peer).count() >= MAX_PROMISES_PER_PEER
                 && let Some(oldest) = list.iter().position(|p| p.peer == peer)
             {
-                list.remove(oldest);
+                let old = list.remove(oldest);
+                tell_unavailable(inner, peer, file_id, old.request_id, old.chunks);
             }
             list.push(Promise {
                 peer,
@@ -1248,10 +1361,10 @@ fn on_tick(inner: &Arc<Inner>) {
             }
             // Downloaders serve each other: tell neighbours what we hold now.
             if now.duration_since(a.last_offer) >= inner.config.reoffer_interval
-                && a.part.have() != &a.offered
+                && a.part.servable() != &a.offered
             {
                 a.last_offer = now;
-                a.offered = a.part.have().clone();
+                a.offered = a.part.servable().clone();
                 let offer = inner.neighbour_offer(a.part.meta(), a.offered.clone());
                 for p in &neighbours {
                     sends.push((*p, offer.clone()));
@@ -1268,7 +1381,9 @@ fn on_tick(inner: &Arc<Inner>) {
     }
     for (id, why) in failed {
         let mut st = inner.state();
-        st.promises.remove(&id);
+        for p in st.promises.remove(&id).unwrap_or_default() {
+            tell_unavailable(inner, p.peer, id, p.request_id, p.chunks);
+        }
         if let Some(mut a) = st.active.remove(&id)
             && let Some(done) = a.done.take()
         {
@@ -1500,6 +1615,7 @@ async fn serve_peer(
                 None => return,
             },
         };
+        let mut gone = ChunkRanges::new();
         for index in req.ranges.iter() {
             // Chunks in memory first: they are owed already, and their queue is short.
             while let Ok(r) = ready.try_recv() {
@@ -1529,6 +1645,7 @@ async fn serve_peer(
             };
             let Some((mut data, proof)) = chunk else {
                 tracing::info!(?peer, index, "asked for a chunk not held here any more");
+                gone.insert(index..index + 1);
                 continue;
             };
             if inner.config.corrupt_outgoing
@@ -1551,5 +1668,6 @@ async fn serve_peer(
             }
             inner.served_bytes.fetch_add(len, Relaxed);
         }
+        tell_unavailable(&inner, peer, req.file_id, req.request_id, gone);
     }
 }

@@ -153,6 +153,8 @@ pub struct PartialFile {
     have: ChunkRanges,
     /// Proofs of the chunks received in this run, so they can be served onward.
     proofs: std::collections::HashMap<u32, Vec<Hash>>,
+    /// The chunks `proofs` covers: what this download can serve.
+    servable: ChunkRanges,
     /// Chunks written since the state was last saved.
     unsaved: bool,
     last_save: Instant,
@@ -187,6 +189,7 @@ impl PartialFile {
             meta: meta.clone(),
             have,
             proofs: Default::default(),
+            servable: ChunkRanges::new(),
             unsaved: false,
             last_save: Instant::now(),
         })
@@ -195,6 +198,12 @@ impl PartialFile {
     /// Chunks on disk (verified when they arrived).
     pub fn have(&self) -> &ChunkRanges {
         &self.have
+    }
+
+    /// Chunks this download can serve: those received in this run, whose proofs it has
+    /// (chunks resumed from disk came without theirs, so they are not offered).
+    pub fn servable(&self) -> &ChunkRanges {
+        &self.servable
     }
 
     /// What is being downloaded.
@@ -229,6 +238,7 @@ impl PartialFile {
             .map_err(io_err(&self.part))?;
         self.have.insert(index..index + 1);
         self.proofs.insert(index, proof.to_vec());
+        self.servable.insert(index..index + 1);
         self.unsaved = true;
         self.save_state_if_due()?;
         Ok(true)
@@ -353,9 +363,12 @@ mod tests {
         assert!(!part.have().contains(10));
         drop(part);
 
-        // Restart: the ten chunks on disk are picked up.
+        // Restart: the ten chunks on disk are picked up (the drop saved the state, though
+        // the save interval had not passed). Their proofs stayed behind, so they are held
+        // but not servable: offering them would draw requests that cannot be answered.
         let mut part = PartialFile::open(&target, &meta).expect("resume");
         assert_eq!(part.have(), &ChunkRanges::full(10));
+        assert!(part.servable().is_empty());
         assert!(matches!(
             PartialFile::open(&target, &meta).map(|p| p.have().len()),
             Ok(10)
@@ -364,6 +377,7 @@ mod tests {
             let (d, p) = shared.read_chunk(i).expect("read");
             part.write_chunk(i, &d, &p).expect("verified");
         }
+        assert_eq!(part.servable(), &ChunkRanges::from_range(10..25));
         let served = part.read_chunk(20).expect("read").expect("held this run");
         assert_eq!(served, shared.read_chunk(20).expect("read"));
         let done = part.finish().expect("complete");
