@@ -121,6 +121,12 @@ fn main() -> anyhow::Result<()> {
                 s.peak_rss_kib_max / 1024,
                 out.display()
             );
+            if s.restarts > 0 {
+                println!(
+                    "churn: {} restarts; slowest never killed {:.1?} s, slowest restarted {:.1?} s",
+                    s.restarts, s.completion_max_never_killed, s.completion_max_restarted
+                );
+            }
             if let Some(b) = &result.raw_baseline {
                 println!(
                     "raw data channels, {} pairs at once: {:.1} MiB/s; pool goodput {:.1} MiB/s first chunk to last done ({:.0}% of raw), {:.0}% counting set-up",

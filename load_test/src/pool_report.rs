@@ -292,6 +292,16 @@ tracker {}.</p>",
         r.tracker_messages_in
             .map_or("n/a".into(), |d| d.to_string()),
     );
+    if s.restarts > 0 {
+        let _ = write!(
+            h,
+            "<p>Churn: {} restarts. Slowest fetcher never killed: {} s; slowest restarted \
+one: {} s.</p>",
+            s.restarts,
+            opt(s.completion_max_never_killed),
+            opt(s.completion_max_restarted),
+        );
+    }
     h.push_str("<h2>Baselines (same machine, same run)</h2><ul>");
     match &r.raw_baseline {
         Some(b) => {

@@ -46,6 +46,11 @@ pub struct PoolRunConfig {
     /// Seconds between churn rounds (the first comes after this long, too).
     #[arg(long, default_value_t = 5.0)]
     pub churn_every: f64,
+    /// Churn rounds at most (0: every `--churn-every` seconds until the end). One round
+    /// mid-transfer is the "a quarter of the pool vanishes" scenario.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub churn_rounds: u32,
     /// Seconds a killed node stays down before it restarts (it resumes from its `.part`).
     #[arg(long, default_value_t = 1.0)]
     pub restart_after: f64,
@@ -221,6 +226,12 @@ pub struct Summary {
     pub completion_p90: Option<f64>,
     /// Slowest.
     pub completion_max: Option<f64>,
+    /// Slowest of the fetchers churn never killed (what the others' churn cost them).
+    #[serde(default)]
+    pub completion_max_never_killed: Option<f64>,
+    /// Slowest of the fetchers churn killed and restarted.
+    #[serde(default)]
+    pub completion_max_restarted: Option<f64>,
     /// Fetched bytes over the time until the last fetcher finished, MiB/s.
     pub goodput_mib_s: f64,
     /// Fetched bytes over the time from the first chunk anywhere to the last fetcher
@@ -542,6 +553,7 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
     let mut rng = fastrand::Rng::with_seed(config.seed ^ 0x5eed);
     let mut timeline = Vec::new();
     let mut top_relay_killed = config.kill_top_relay_after_mib <= 0.0;
+    let mut churn_rounds = 0u32;
     let finished = loop {
         tokio::select! {
             msg = rx.recv() => match msg {
@@ -623,7 +635,11 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
                     break false;
                 }
                 // Churn: kill a share of the unfinished fetchers; they come back later.
-                if config.churn > 0.0 && now >= next_churn {
+                if config.churn > 0.0
+                    && now >= next_churn
+                    && (config.churn_rounds == 0 || churn_rounds < config.churn_rounds)
+                {
+                    churn_rounds += 1;
                     let every = Duration::from_secs_f64(config.churn_every.max(0.1));
                     next_churn = now + every;
                     let mut live: Vec<usize> = (0..slots.len())
@@ -770,6 +786,13 @@ fn summarize(nodes: &[NodeResult], file_bytes: u64) -> Summary {
         .filter_map(|n| n.completion_secs)
         .collect();
     times.sort_by(f64::total_cmp);
+    let slowest = |restarted: bool| {
+        survivors
+            .iter()
+            .filter(|n| (n.restarts > 0) == restarted && n.verified == Some(true))
+            .filter_map(|n| n.completion_secs)
+            .reduce(f64::max)
+    };
     let fetchers = nodes.iter().filter(|n| n.role == Role::Fetcher);
     let got: u64 = survivors.iter().map(|n| n.have_bytes).sum();
     let received: u64 = fetchers.clone().map(|n| n.received_bytes).sum();
@@ -780,6 +803,8 @@ fn summarize(nodes: &[NodeResult], file_bytes: u64) -> Summary {
         completion_p50: percentile(&times, 0.5),
         completion_p90: percentile(&times, 0.9),
         completion_max: times.last().copied(),
+        completion_max_never_killed: slowest(false),
+        completion_max_restarted: slowest(true),
         goodput_mib_s: times
             .last()
             .map_or(0.0, |t| got as f64 / 1048576.0 / t.max(0.001)),
