@@ -81,6 +81,11 @@ enum Command {
         /// Print JSON lines instead of text.
         #[arg(long)]
         json: bool,
+        /// Initial seeding: give each chunk to one neighbour only until every chunk has
+        /// gone out once, so one copy's worth of upload leaves a whole copy in the pool
+        /// (for a seeder that will leave early).
+        #[arg(long)]
+        super_seed: bool,
     },
     /// Fetch FILE_ID from the pool into PATH; exits 0 when complete and verified.
     Get {
@@ -115,6 +120,7 @@ fn status_json(pool: &Pool, p: Option<&tidepool_node::pool::Progress>) -> serde_
     let node = pool.node().stats();
     let mut v = serde_json::json!({
         "served": up.served_bytes,
+        "served_distinct": up.served_distinct_bytes,
         "relayed": up.relayed_bytes,
         "cached": up.cached_bytes,
         "peers": node.connected_peers,
@@ -189,10 +195,11 @@ fn status_interval(j: &PoolArgs) -> tokio::time::Interval {
     tokio::time::interval(Duration::from_millis(j.status_every_ms.max(10)))
 }
 
-async fn start_pool(j: &PoolArgs) -> anyhow::Result<Pool> {
+async fn start_pool(j: &PoolArgs, super_seed: bool) -> anyhow::Result<Pool> {
     let mut pool_config = PoolConfig {
         cache_bytes: j.cache_mib * 1024 * 1024,
         cache_dir: j.cache_dir.clone(),
+        super_seed,
         ..PoolConfig::default()
     };
     pool_config.fetch.missing_after = Duration::from_secs(j.missing_after_secs.max(1));
@@ -216,8 +223,13 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Join { join, stats_every } => run_join(&join, stats_every).await,
-        Command::Share { file, join, json } => {
-            let pool = start_pool(&join).await?;
+        Command::Share {
+            file,
+            join,
+            json,
+            super_seed,
+        } => {
+            let pool = start_pool(&join, super_seed).await?;
             let id = pool
                 .share(&file)
                 .with_context(|| format!("sharing {}", file.display()))?;
@@ -229,7 +241,7 @@ async fn main() -> anyhow::Result<()> {
             serve_until_interrupted(&pool, json, &join, None).await
         }
         Command::Serve { join, json } => {
-            let pool = start_pool(&join).await?;
+            let pool = start_pool(&join, false).await?;
             let me = pool.node().peer_id();
             if json {
                 println!("{}", serde_json::json!({ "serving": short(&me) }));
@@ -247,7 +259,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let id = tidepool_node::pool::FileId::from_hex(&file_id)
                 .context("FILE_ID must be 64 hex digits")?;
-            let pool = start_pool(&join).await?;
+            let pool = start_pool(&join, false).await?;
             let download = pool.get(id, &output).await?;
             let mut progress = download.progress.clone();
             let bar = (!json).then(|| {

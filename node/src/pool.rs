@@ -47,6 +47,13 @@ pub struct PoolConfig {
     /// Where the relay cache lives; by default a per-node directory under the system's
     /// temp dir, removed when the pool stops.
     pub cache_dir: Option<PathBuf>,
+    /// Initial seeding ("super-seeding"): a file this node shares goes out one chunk to one
+    /// neighbour at a time until every chunk has gone out once; asked again for a chunk
+    /// already given out, it answers Unavailable and the asker gets it from whoever has it.
+    /// The first copy's worth of upload is then a whole copy in the pool, so a seeder that
+    /// leaves after uploading one copy leaves a pool that can finish. Chunks given to a
+    /// neighbour that left count as not given.
+    pub super_seed: bool,
     /// Test hook: corrupt every chunk this node sends (to test that peers drop it).
     #[doc(hidden)]
     pub corrupt_outgoing: bool,
@@ -63,6 +70,7 @@ impl Default for PoolConfig {
             reoffer_interval: Duration::from_secs(1),
             cache_bytes: 256 * 1024 * 1024,
             cache_dir: None,
+            super_seed: false,
             corrupt_outgoing: false,
         }
     }
@@ -116,6 +124,9 @@ pub struct Uploaded {
     pub served_bytes: u64,
     /// Chunk bytes relayed from upstream to a neighbour.
     pub relayed_bytes: u64,
+    /// Bytes of the distinct chunks of whole files sent at least once: one file's size
+    /// here means a seeder has put a whole copy into the pool.
+    pub served_distinct_bytes: u64,
     /// Chunk bytes held in the relay cache now.
     pub cached_bytes: u64,
 }
@@ -233,6 +244,10 @@ struct State {
     cache: Option<RelayCache>,
     /// Chunks of active downloads promised to neighbours, by file.
     promises: HashMap<FileId, Vec<Promise>>,
+    /// Chunks of each whole file sent at least once.
+    sent_once: HashMap<FileId, ChunkRanges>,
+    /// Shared files in their initial seeding pass: the chunks given to each neighbour.
+    super_seeding: HashMap<FileId, HashMap<PeerId, ChunkRanges>>,
     /// What was last offered of each cached file, and when.
     cache_offered: HashMap<FileId, ChunkRanges>,
     last_cache_offer: Option<Instant>,
@@ -248,6 +263,7 @@ struct Inner {
     dropped_peers: AtomicU64,
     served_bytes: AtomicU64,
     relayed_bytes: AtomicU64,
+    served_distinct_bytes: AtomicU64,
 }
 
 impl Inner {
@@ -358,6 +374,7 @@ impl Pool {
             dropped_peers: AtomicU64::new(0),
             served_bytes: AtomicU64::new(0),
             relayed_bytes: AtomicU64::new(0),
+            served_distinct_bytes: AtomicU64::new(0),
         });
         let task = tokio::spawn(run(inner.clone()));
         Ok(Pool { inner, task })
@@ -404,6 +421,7 @@ impl Pool {
         Uploaded {
             served_bytes: self.inner.served_bytes.load(Relaxed),
             relayed_bytes: self.inner.relayed_bytes.load(Relaxed),
+            served_distinct_bytes: self.inner.served_distinct_bytes.load(Relaxed),
             cached_bytes: st.cache.as_ref().map_or(0, RelayCache::used),
         }
     }
@@ -419,6 +437,9 @@ impl Pool {
             let mut st = self.inner.state();
             st.catalog.insert(id, meta.clone());
             st.complete.insert(id, shared);
+            if self.inner.config.super_seed {
+                st.super_seeding.insert(id, HashMap::new());
+            }
             if let Some(c) = st.cache.as_mut() {
                 c.evict(&id);
             }
@@ -520,6 +541,9 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
             }
             st.relayed.retain(|_, r| r.downstream != peer);
             st.cancelled.retain(|(p, _)| *p != peer);
+            for given in st.super_seeding.values_mut() {
+                given.remove(&peer);
+            }
             let orphaned: Vec<u64> = st
                 .relayed
                 .iter()
@@ -1576,6 +1600,45 @@ fn finish(inner: &Arc<Inner>, id: FileId) {
     }
 }
 
+/// Whether chunk `index` of a complete file may go to `peer` now: always, except in the
+/// file's initial seeding pass for a chunk already given to a neighbour still here. The
+/// pass ends when every chunk has been given out; the full offer then goes out again, so
+/// neighbours told Unavailable ask here again.
+fn give_once(
+    inner: &Arc<Inner>,
+    st: &mut State,
+    peer: PeerId,
+    file_id: FileId,
+    index: u32,
+) -> bool {
+    let Some(given) = st.super_seeding.get_mut(&file_id) else {
+        return true;
+    };
+    // The same neighbour may ask again (a chunk lost on its way): nobody else has it.
+    if given.iter().any(|(p, g)| *p != peer && g.contains(index)) {
+        return false;
+    }
+    given.entry(peer).or_default().insert(index..index + 1);
+    let all = given
+        .values()
+        .fold(ChunkRanges::new(), |acc, g| acc.union(g));
+    let Some(meta) = st.catalog.get(&file_id) else {
+        return true;
+    };
+    let Ok(n) = meta.chunk_count() else {
+        return true;
+    };
+    if all.len() >= u64::from(n) {
+        tracing::info!(?file_id, "initial seeding done: every chunk given out once");
+        st.super_seeding.remove(&file_id);
+        let offer = inner.offer(meta, ChunkRanges::full(n));
+        for p in st.senders.keys() {
+            inner.send_control(*p, &offer);
+        }
+    }
+    true
+}
+
 /// Serves one neighbour's requests in order, one chunk at a time; each send waits for room
 /// in the channel, so a slow peer slows only its own task.
 async fn serve_peer(
@@ -1629,6 +1692,16 @@ async fn serve_peer(
                     break;
                 }
                 if let Some(f) = st.complete.get(&req.file_id).cloned() {
+                    if !give_once(&inner, &mut st, peer, req.file_id, index) {
+                        gone.insert(index..index + 1);
+                        continue;
+                    }
+                    let sent = st.sent_once.entry(req.file_id).or_default();
+                    if !sent.contains(index) {
+                        sent.insert(index..index + 1);
+                        let len = f.meta().chunk_len(index).unwrap_or(0) as u64;
+                        inner.served_distinct_bytes.fetch_add(len, Relaxed);
+                    }
                     drop(st);
                     f.read_chunk(index).ok()
                 } else {

@@ -391,3 +391,64 @@ async fn a_downloader_behind_another_downloader_gets_its_copy_as_promised_with_n
     );
     tracker.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_super_seeding_seeder_sends_no_chunk_twice_in_its_first_copy_and_every_downloader_finishes()
+ {
+    let _serial = one_at_a_time().await;
+    let tracker = tracker();
+    let dir = temp("superseed");
+    let source = random_file(&dir, 16 * 1024 * 1024 + 99);
+    let seeding = PoolConfig {
+        super_seed: true,
+        ..pool_config()
+    };
+    let seeder = pool(node_config(&tracker, "superseed"), seeding).await;
+    let id = seeder.share(&source).expect("shares");
+    let mut fetchers = Vec::new();
+    for _ in 0..4 {
+        fetchers.push(pool(node_config(&tracker, "superseed"), pool_config()).await);
+    }
+    eventually("all five connected", || {
+        fetchers
+            .iter()
+            .all(|f| f.node().connected_peers().len() == 4)
+    })
+    .await;
+    // Watch the seeder's counters: until it has sent one copy's worth, everything it
+    // sent was a chunk nobody had had from it. (16 MiB and four downloaders: without
+    // super-seeding their requests to the seeder overlap, and this fails.)
+    let watched = seeder.uploaded();
+    assert_eq!(watched.served_bytes, 0);
+    let total = 16 * 1024 * 1024 + 99;
+    let mut downloads = Vec::new();
+    for (i, f) in fetchers.iter().enumerate() {
+        downloads.push(start_get(f, id, &dir.join(format!("copy-{i}.bin"))).await);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let up = seeder.uploaded();
+        assert!(
+            up.served_distinct_bytes >= up.served_bytes.min(total),
+            "a chunk went out twice in the first copy: {up:?}"
+        );
+        if up.served_bytes >= total {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the seeder never sent a whole copy: {up:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let want = std::fs::read(&source).expect("read");
+    for dl in downloads {
+        let path = tokio::time::timeout(WAIT, dl.finished())
+            .await
+            .expect("in time")
+            .expect("verified");
+        assert_eq!(std::fs::read(path).expect("read"), want);
+    }
+    assert_eq!(seeder.uploaded().served_distinct_bytes, total);
+    tracker.shutdown();
+}
