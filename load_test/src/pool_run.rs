@@ -54,10 +54,16 @@ pub struct PoolRunConfig {
     /// Seconds a killed node stays down before it restarts (it resumes from its `.part`).
     #[arg(long, default_value_t = 1.0)]
     pub restart_after: f64,
-    /// Kill each seeder for good once it has uploaded one full copy of the file; the pool
-    /// must then finish from the copies spread over the fetchers.
+    /// Kill each seeder for good once it has uploaded one full copy of the file (every
+    /// chunk sent at least once); the pool must then finish from the copies spread over
+    /// the fetchers. Implies `--super-seed`
+    /// (a seeder that leaves early should make its one copy a whole one).
     #[arg(long)]
     pub kill_seeder_after_copy: bool,
+    /// Seeders run `share --super-seed`: each chunk to one neighbour until all went out.
+    #[arg(long)]
+    #[serde(default)]
+    pub super_seed: bool,
     /// Kill the fetching node that has relayed the most for good, once it has relayed
     /// this many MiB (0: never). The others must still finish.
     #[arg(long, default_value_t = 0.0)]
@@ -274,6 +280,7 @@ struct Status {
     duplicates: u64,
     missing_rounds: u64,
     served: u64,
+    served_distinct: u64,
     relayed: u64,
 }
 
@@ -287,6 +294,7 @@ impl Status {
             duplicates: n("duplicates"),
             missing_rounds: n("missing_rounds"),
             served: n("served"),
+            served_distinct: n("served_distinct"),
             relayed: n("relayed"),
         })
     }
@@ -298,6 +306,7 @@ impl Status {
             duplicates: self.duplicates + o.duplicates,
             missing_rounds: self.missing_rounds + o.missing_rounds,
             served: self.served + o.served,
+            served_distinct: self.served_distinct.max(o.served_distinct),
             relayed: self.relayed + o.relayed,
         }
     }
@@ -487,6 +496,9 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
     let seeder_peers = config.seeder_max_peers.unwrap_or(config.max_peers);
     for i in 0..config.seeders {
         let mut args = vec!["share".into(), source.display().to_string()];
+        if config.super_seed || config.kill_seeder_after_copy {
+            args.push("--super-seed".into());
+        }
         args.extend(common(seeder_peers, i));
         slots.push(new_slot(i, Role::Seeder, args));
         spawn(&node_bin, &dir, &mut slots, i, &tx)?;
@@ -634,6 +646,15 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
                 if now >= deadline {
                     break false;
                 }
+                // Every unfinished fetcher exited (gave up) and none is due back.
+                if fetchers().all(|s| {
+                    s.result.removed
+                        || s.result.verified.is_some()
+                        || (s.child.is_none() && s.down_until.is_none())
+                }) {
+                    eprintln!("every unfinished fetcher has exited");
+                    break false;
+                }
                 // Churn: kill a share of the unfinished fetchers; they come back later.
                 if config.churn > 0.0
                     && now >= next_churn
@@ -663,7 +684,8 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
                 }
                 if config.kill_seeder_after_copy {
                     for slot in slots.iter_mut().filter(|s| s.role == Role::Seeder && !s.result.removed) {
-                        if total(slot).served >= file_bytes {
+                        // One whole copy out: every chunk sent at least once.
+                        if total(slot).served_distinct >= file_bytes {
                             kill(slot).await;
                             slot.result.removed = true;
                         }

@@ -3,7 +3,8 @@
 //! duplicates; fetchers cut off from the seeder finish through a relay whose memory stays
 //! within its stated bound; a relay killed mid-transfer leaves everyone else finishing;
 //! churn (a quarter of the fetchers killed and restarted) still ends with every file
-//! verified. The node binary is built in release mode first (data moves ~7x slower in a
+//! verified; a seeder killed once it has put one whole copy out leaves a pool that
+//! finishes from the fetchers' copies. The node binary is built in release mode first (data moves ~7x slower in a
 //! debug build), once per test run.
 
 use std::path::PathBuf;
@@ -183,4 +184,22 @@ fn churn_kills_and_restarts_a_quarter_of_the_fetchers_and_every_file_still_verif
     assert!(r.all_verified, "{:#?}", r.nodes);
     assert!(r.summary.restarts >= 1, "churn happened: {:#?}", r.nodes);
     assert_eq!(r.summary.completed, 4);
+}
+
+#[test]
+fn a_seeder_killed_after_putting_one_copy_out_leaves_a_pool_that_finishes() {
+    // Six fetchers, the seeder's slots for three: each chunk goes to one of them first
+    // (super-seeding), and the seeder is gone once every chunk has left it once.
+    let r = campaign("seeder-killed", |c| {
+        c.nodes = 7;
+        c.file_mib = 32;
+        c.seeder_max_peers = Some(3);
+        c.kill_seeder_after_copy = true;
+        c.missing_after = 2;
+    });
+    let seeder = &r.nodes[0];
+    assert_eq!(seeder.role, Role::Seeder);
+    assert!(seeder.removed, "the seeder was killed: {:#?}", r.nodes);
+    assert!(r.all_verified, "{:#?}", r.nodes);
+    assert_eq!(r.summary.completed, 6);
 }
