@@ -418,6 +418,10 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
     let src = source.clone();
     let source_hash = tokio::task::spawn_blocking(move || generate(&src, mib, seed)).await??;
     let file_bytes = mib << 20;
+    // Start from a quiet disk: write-back of an earlier run's copies (webtorrent's above
+    // all) would otherwise take CPU from this one (seen: 63% of raw alone, 42-48% right
+    // after a webtorrent baseline).
+    let _ = Command::new("sync").status().await;
 
     let (tracker, tracker_url) = match &config.tracker {
         Some(url) => (None, url.clone()),

@@ -557,6 +557,7 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
             for a in st.active.values_mut() {
                 a.fetch.remove_source(&peer);
             }
+            recheck_promises(inner, &mut st);
             drop(st);
             // Requests passed on through the peer that left go another way at once: the
             // requester only sees this node, busy with its other requests, and would
@@ -976,6 +977,7 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
             if let Some(a) = st.active.get_mut(&file_id) {
                 a.fetch.unavailable(&peer, request_id, &chunks);
             }
+            recheck_promises(inner, &mut st);
         }
         PoolMessage::Cancel {
             request_id,
@@ -1196,6 +1198,30 @@ fn promise(
         }
     }
     rest
+}
+
+/// Withdraws promises this node can no longer keep for sure (the holder it was getting
+/// those chunks from left, or will not send them): the neighbours are told Unavailable
+/// and ask elsewhere, rather than wait on a chunk that may come only after a stall here.
+fn recheck_promises(inner: &Arc<Inner>, st: &mut State) {
+    let State {
+        promises, active, ..
+    } = st;
+    for (file_id, list) in promises.iter_mut() {
+        let Some(a) = active.get(file_id) else {
+            continue;
+        };
+        list.retain_mut(|p| {
+            let keep = a.fetch.promisable(&p.chunks);
+            let dropped = p.chunks.difference(&keep);
+            if !dropped.is_empty() {
+                tell_unavailable(inner, p.peer, *file_id, p.request_id, dropped);
+            }
+            p.chunks = keep;
+            !p.chunks.is_empty()
+        });
+    }
+    promises.retain(|_, list| !list.is_empty());
 }
 
 /// Sends chunk `index`, just written to a download, to the neighbours it was promised to.
