@@ -31,26 +31,29 @@ async fn two_nodes_exchange_messages_on_both_channels_with_receipts() {
         .send_with(b_id, Channel::Chunks, &big, Receipts::Both)
         .await
         .expect("send");
-    let got = expect_event(&b, |e| match e {
-        Event::Message {
-            channel: Channel::Control,
-            data,
-            ..
-        } => Some(data.clone()),
-        _ => None,
-    })
-    .await;
-    assert_eq!(&got[..], b"hello on control");
-    let (got, receipt) = expect_event(&b, |e| match e {
-        Event::Message {
-            channel: Channel::Chunks,
-            data,
-            delivered_receipt,
-            ..
-        } => Some((data.clone(), *delivered_receipt)),
-        _ => None,
-    })
-    .await;
+    // The two channels are independent streams: either message may arrive first, and
+    // `expect_event` drops what it skips, so both are taken by one loop.
+    let (mut control, mut chunks) = (None, None);
+    while control.is_none() || chunks.is_none() {
+        let (channel, data, receipt) = expect_event(&b, |e| match e {
+            Event::Message {
+                channel,
+                data,
+                delivered_receipt,
+                ..
+            } => Some((*channel, data.clone(), *delivered_receipt)),
+            _ => None,
+        })
+        .await;
+        match channel {
+            Channel::Control => control = Some(data),
+            Channel::Chunks => chunks = Some((data, receipt)),
+        }
+    }
+    assert_eq!(control.as_deref(), Some(&b"hello on control"[..]));
+    let Some((got, receipt)) = chunks else {
+        unreachable!("the loop ends with both")
+    };
     assert_eq!(got.len(), big.len());
     assert!(got.iter().all(|&x| x == 7));
     assert_eq!(receipt, Some(id));
