@@ -155,6 +155,11 @@ pub struct PartialFile {
     proofs: std::collections::HashMap<u32, Vec<Hash>>,
     /// The chunks `proofs` covers: what this download can serve.
     servable: ChunkRanges,
+    /// `NAME.part.proofs`: the proofs of the chunks written, appended with each state save,
+    /// so a resumed download can serve what it already holds.
+    proof_log: PathBuf,
+    /// Chunks written whose proofs are not in the log yet.
+    unlogged: Vec<u32>,
     /// Chunks written since the state was last saved.
     unsaved: bool,
     last_save: Instant,
@@ -181,7 +186,8 @@ impl PartialFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => ChunkRanges::new(),
             Err(e) => return Err(io_err(&state)(e)),
         };
-        Ok(Self {
+        let proof_log = with_suffix(target, ".part.proofs");
+        let mut f = Self {
             file,
             part,
             state,
@@ -190,9 +196,47 @@ impl PartialFile {
             have,
             proofs: Default::default(),
             servable: ChunkRanges::new(),
+            proof_log,
+            unlogged: Vec::new(),
             unsaved: false,
             last_save: Instant::now(),
-        })
+        };
+        f.load_proofs()?;
+        Ok(f)
+    }
+
+    /// Takes back the proofs a previous run logged for chunks still held, each checked
+    /// against the chunk on disk (a torn or stale entry is skipped, never served).
+    fn load_proofs(&mut self) -> Result<(), StoreError> {
+        let bytes = match std::fs::read(&self.proof_log) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&self.proof_log)(e)),
+        };
+        if self.have.is_empty() {
+            // A fresh start: whatever is logged belongs to chunks no longer recorded.
+            let _ = std::fs::remove_file(&self.proof_log);
+            return Ok(());
+        }
+        let mut rest = &bytes[..];
+        while let Some((index, proof, tail)) = parse_proof_entry(rest) {
+            rest = tail;
+            if !self.have.contains(index) || self.proofs.contains_key(&index) {
+                continue;
+            }
+            let Ok(len) = self.meta.chunk_len(index) else {
+                continue;
+            };
+            let mut data = vec![0u8; len];
+            let offset = u64::from(index) * u64::from(self.meta.chunk_size);
+            if self.file.read_exact_at(&mut data, offset).is_ok()
+                && self.meta.verify_chunk(index, &data, &proof).is_ok()
+            {
+                self.proofs.insert(index, proof);
+                self.servable.insert(index..index + 1);
+            }
+        }
+        Ok(())
     }
 
     /// Chunks on disk (verified when they arrived).
@@ -200,8 +244,8 @@ impl PartialFile {
         &self.have
     }
 
-    /// Chunks this download can serve: those received in this run, whose proofs it has
-    /// (chunks resumed from disk came without theirs, so they are not offered).
+    /// Chunks this download can serve: those whose proofs it has (received in this run, or
+    /// in an earlier one whose proof log survived).
     pub fn servable(&self) -> &ChunkRanges {
         &self.servable
     }
@@ -239,6 +283,7 @@ impl PartialFile {
         self.have.insert(index..index + 1);
         self.proofs.insert(index, proof.to_vec());
         self.servable.insert(index..index + 1);
+        self.unlogged.push(index);
         self.unsaved = true;
         self.save_state_if_due()?;
         Ok(true)
@@ -279,11 +324,30 @@ impl PartialFile {
         // Nothing left to record: the drop below must not write the state back.
         self.unsaved = false;
         let _ = std::fs::remove_file(&self.state);
+        let _ = std::fs::remove_file(&self.proof_log);
         Ok(self.target.clone())
     }
 
     /// Writes the held set next to the data, atomically (temp file + rename).
     fn save_state(&mut self) -> Result<(), StoreError> {
+        if !self.unlogged.is_empty() {
+            let mut entries = Vec::new();
+            for index in self.unlogged.drain(..) {
+                if let Some(proof) = self.proofs.get(&index) {
+                    entries.extend_from_slice(&index.to_le_bytes());
+                    entries.push(proof.len() as u8);
+                    for h in proof {
+                        entries.extend_from_slice(h);
+                    }
+                }
+            }
+            let mut log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.proof_log)
+                .map_err(io_err(&self.proof_log))?;
+            io::Write::write_all(&mut log, &entries).map_err(io_err(&self.proof_log))?;
+        }
         let mut bytes = STATE_MAGIC.to_vec();
         bytes.extend_from_slice(&self.meta.file_id().0);
         self.have.encode(&mut bytes);
@@ -305,6 +369,23 @@ impl Drop for PartialFile {
             tracing::warn!("saving download state: {e}");
         }
     }
+}
+
+/// One proof-log entry: `[index u32 LE][n u8][n × 32-byte hash]`; None at the end or at a
+/// torn entry.
+fn parse_proof_entry(bytes: &[u8]) -> Option<(u32, Vec<Hash>, &[u8])> {
+    let (index, rest) = bytes.split_first_chunk::<4>()?;
+    let (&n, mut rest) = rest.split_first()?;
+    if n > 32 {
+        return None;
+    }
+    let mut proof = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let (h, tail) = rest.split_first_chunk::<32>()?;
+        proof.push(*h);
+        rest = tail;
+    }
+    Some((u32::from_le_bytes(*index), proof, rest))
 }
 
 fn parse_state(bytes: &[u8], meta: &FileMeta) -> Option<ChunkRanges> {
@@ -364,11 +445,14 @@ mod tests {
         drop(part);
 
         // Restart: the ten chunks on disk are picked up (the drop saved the state, though
-        // the save interval had not passed). Their proofs stayed behind, so they are held
-        // but not servable: offering them would draw requests that cannot be answered.
+        // the save interval had not passed), with their proofs, so they can be served.
         let mut part = PartialFile::open(&target, &meta).expect("resume");
         assert_eq!(part.have(), &ChunkRanges::full(10));
-        assert!(part.servable().is_empty());
+        assert_eq!(part.servable(), &ChunkRanges::full(10));
+        assert_eq!(
+            part.read_chunk(4).expect("read").expect("servable"),
+            shared.read_chunk(4).expect("read")
+        );
         assert!(matches!(
             PartialFile::open(&target, &meta).map(|p| p.have().len()),
             Ok(10)
@@ -377,12 +461,47 @@ mod tests {
             let (d, p) = shared.read_chunk(i).expect("read");
             part.write_chunk(i, &d, &p).expect("verified");
         }
-        assert_eq!(part.servable(), &ChunkRanges::from_range(10..25));
+        assert_eq!(part.servable(), &ChunkRanges::full(25));
         let served = part.read_chunk(20).expect("read").expect("held this run");
         assert_eq!(served, shared.read_chunk(20).expect("read"));
         let done = part.finish().expect("complete");
         assert_eq!(std::fs::read(&done).expect("read"), data);
-        assert!(!dir.join("copy.bin.part").exists() && !dir.join("copy.bin.part.state").exists());
+        for leftover in [
+            "copy.bin.part",
+            "copy.bin.part.state",
+            "copy.bin.part.proofs",
+        ] {
+            assert!(!dir.join(leftover).exists(), "{leftover} removed");
+        }
+    }
+
+    #[test]
+    fn a_damaged_proof_log_costs_only_the_damaged_entries() {
+        let dir = temp("prooflog");
+        let src = dir.join("source.bin");
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        std::fs::write(&src, &data).expect("write");
+        let shared = SharedFile::open(&src, 4096).expect("share");
+        let meta = shared.meta().clone();
+        let target = dir.join("copy.bin");
+        let mut part = PartialFile::open(&target, &meta).expect("start");
+        for i in 0..4 {
+            let (d, p) = shared.read_chunk(i).expect("read");
+            part.write_chunk(i, &d, &p).expect("verified");
+        }
+        drop(part);
+        let log = dir.join("copy.bin.part.proofs");
+        let mut bytes = std::fs::read(&log).expect("logged");
+        // Entries are [index][n][n hashes]; flip a byte in the first entry's first hash
+        // and tear the last entry.
+        bytes[5] ^= 0xff;
+        bytes.truncate(bytes.len() - 3);
+        std::fs::write(&log, &bytes).expect("write");
+        let part = PartialFile::open(&target, &meta).expect("resume");
+        assert_eq!(part.have(), &ChunkRanges::full(4));
+        let first = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+        assert!(!part.servable().contains(first), "bad proof not taken");
+        assert_eq!(part.servable().len(), 2, "{:?}", part.servable());
     }
 
     #[test]
