@@ -1645,16 +1645,15 @@ fn give_once(
         return false;
     }
     given.entry(peer).or_default().insert(index..index + 1);
-    let all = given
-        .values()
-        .fold(ChunkRanges::new(), |acc, g| acc.union(g));
+    // A chunk goes to one neighbour only, so the sets are disjoint: their sizes add up.
+    let given_out: u64 = given.values().map(ChunkRanges::len).sum();
     let Some(meta) = st.catalog.get(&file_id) else {
         return true;
     };
     let Ok(n) = meta.chunk_count() else {
         return true;
     };
-    if all.len() >= u64::from(n) {
+    if given_out >= u64::from(n) {
         tracing::info!(?file_id, "initial seeding done: every chunk given out once");
         st.super_seeding.remove(&file_id);
         let offer = inner.offer(meta, ChunkRanges::full(n));
