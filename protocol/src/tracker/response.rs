@@ -132,13 +132,18 @@ fn encode_forward(
     key: &str,
     body: &OpaqueJson<'_>,
 ) {
-    // Ids and keys take at most ~330 bytes; reserving once avoids regrowth mid-message.
+    // One allocation for the whole frame: the fixed text (~70 bytes), each 20-byte id at
+    // worst `\u00XX` per byte, the offer id likewise, and the body as it will be copied.
     out.reserve(
-        330 + if let OpaqueJson::Encoded(text) = body {
-            text.len()
-        } else {
-            0
-        },
+        80 + 2 * (6 * 20 + 2)
+            + 6 * offer_id.as_str().len()
+            + 2
+            + key.len()
+            + if let OpaqueJson::Encoded(text) = body {
+                text.len()
+            } else {
+                0
+            },
     );
     out.extend_from_slice(br#"{"action":"announce","info_hash":"#);
     write_latin1(out, &info_hash.0);
