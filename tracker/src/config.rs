@@ -1,5 +1,7 @@
-//! The tracker's configuration: every limit in one place, each with a safe default and a
-//! comment that `--print-config` writes out as TOML.
+//! The tracker's configuration: every limit in one place, each with a safe default. The doc
+//! comments on these fields are the only documentation of them: `build.rs` reads this file
+//! and `--print-config` writes each field's doc comment above it (a line `Example: VALUE`
+//! in the doc of an optional field is printed as a commented-out setting).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,9 +35,11 @@ pub struct Config {
 pub struct NetworkConfig {
     /// Address to listen on. Loopback by default: binding publicly is a deliberate choice.
     pub listen: SocketAddr,
-    /// PEM certificate chain; with `tls_key`, serves `wss://` instead of `ws://`.
+    /// PEM certificate chain; with `tls_key`, serves wss:// instead of ws://.
+    /// Example: "/etc/tidepool/cert.pem"
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
+    /// Example: "/etc/tidepool/key.pem"
     pub tls_key: Option<PathBuf>,
     /// Most open connections per socket worker; more are closed at accept.
     pub max_connections_per_worker: usize,
@@ -53,6 +57,11 @@ pub struct NetworkConfig {
     pub ping_interval_secs: u64,
     /// Seconds without any frame from a client (pongs included) before it is closed.
     pub idle_timeout_secs: u64,
+    /// A peer id whose connection has sent nothing (no frame, no pong) for this many seconds
+    /// may be claimed by a new connection: a client whose network changed reconnects and
+    /// keeps its id. Must exceed `ping_interval_secs`, so a live owner has answered a ping
+    /// and cannot be hijacked.
+    pub takeover_grace_secs: u64,
     /// Text frames per second one connection may send, on average (token bucket; 0 = no
     /// limit). Frames over the limit get a failure reply and are not processed.
     pub max_messages_per_second: u32,
@@ -78,8 +87,9 @@ impl Default for NetworkConfig {
             read_buffer_size: 4 * 1024,
             max_outgoing_queue: 256 * 1024,
             handshake_timeout_ms: 10_000,
-            ping_interval_secs: 60,
+            ping_interval_secs: 20,
             idle_timeout_secs: 180,
+            takeover_grace_secs: 30,
             max_messages_per_second: 200,
             message_burst: 400,
             max_connections_per_ip: 0,
@@ -104,8 +114,25 @@ pub struct ProtocolConfig {
     pub default_numwant: usize,
     /// Most info hashes in one scrape.
     pub max_scrape_hashes: usize,
-    /// Most swarms one connection may join (npm clients share one socket for many torrents).
+    /// Most swarms one connection may hold a peer in at once (npm clients share one socket
+    /// per tracker for every torrent they have). Leaving a swarm (`stopped`, or silence past
+    /// `peer_timeout_secs`) frees its place.
     pub max_swarms_per_connection: usize,
+    /// Most peer ids one connection may hold in one swarm; a new id past this replaces the
+    /// connection's least recently announced one there. More than one because the npm
+    /// client shares one socket among every client of a process, so two clients of one
+    /// process in one torrent are two peers on one socket; small, so a socket that invents
+    /// ids cannot fill a swarm.
+    pub max_peer_ids_per_swarm: usize,
+    /// Answer a scrape without `info_hash` (every swarm). Off: such scrapes get a failure
+    /// reply. On: they are served from one snapshot shared by all clients.
+    pub full_scrape: bool,
+    /// Seconds between rebuilds of the full-scrape snapshot, and the least time between two
+    /// full scrapes from one connection.
+    pub full_scrape_interval_secs: u64,
+    /// Most swarms in a full scrape (the largest ones); about 100 bytes each on the wire,
+    /// so it must fit in `network.max_outgoing_queue`.
+    pub full_scrape_max_swarms: usize,
 }
 
 impl Default for ProtocolConfig {
@@ -117,7 +144,11 @@ impl Default for ProtocolConfig {
             max_offers: 10,
             default_numwant: 10,
             max_scrape_hashes: 64,
-            max_swarms_per_connection: 128,
+            max_swarms_per_connection: 1024,
+            max_peer_ids_per_swarm: 4,
+            full_scrape: false,
+            full_scrape_interval_secs: 30,
+            full_scrape_max_swarms: 1000,
         }
     }
 }
@@ -133,6 +164,13 @@ pub struct WorkerConfig {
     /// Capacity of each channel between workers, in messages. When one is full the request
     /// is answered with a failure rather than queued without bound.
     pub channel_capacity: usize,
+    /// Bytes the messages in each channel between workers may hold (offers included), so a
+    /// burst of large announces cannot fill memory. A message that does not fit is refused
+    /// (a request gets a failure reply; a reply is dropped and counted).
+    pub channel_bytes: usize,
+    /// Milliseconds a scrape waits for every swarm worker's part before it is answered with
+    /// a failure (a part can be dropped under overload).
+    pub reply_timeout_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -141,6 +179,8 @@ impl Default for WorkerConfig {
             socket_workers: 1,
             swarm_workers: 1,
             channel_capacity: 16 * 1024,
+            channel_bytes: 32 * 1024 * 1024,
+            reply_timeout_ms: 5_000,
         }
     }
 }
@@ -151,7 +191,9 @@ impl Default for WorkerConfig {
 pub struct AccessListConfig {
     /// `off`, `allow` (only listed swarms) or `deny` (all but listed swarms).
     pub mode: AccessListMode,
-    /// File of info hashes, 40 hex digits per line; `#` starts a comment. Reloaded on SIGUSR1.
+    /// File of info hashes, 40 hex digits per line; `#` starts a comment. Required for allow
+    /// and deny. Reloaded on SIGUSR1.
+    /// Example: "/etc/tidepool/access-list.txt"
     pub path: Option<PathBuf>,
     /// Also reload the file this often, in seconds (0 = only on SIGUSR1).
     pub reload_interval_secs: u64,
@@ -161,7 +203,9 @@ pub struct AccessListConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address for the HTTP endpoint; unset = off. Keep it private: it names swarms.
+    /// Address for /metrics, /stats and /stats.json (off unless set; or --metrics ADDR).
+    /// Keep it private: it names swarms.
+    /// Example: "127.0.0.1:9000"
     pub listen: Option<SocketAddr>,
     /// Milliseconds between refreshes of swarm counts and rates.
     pub stats_interval_ms: u64,
@@ -226,6 +270,28 @@ impl Config {
         if n.idle_timeout_secs <= n.ping_interval_secs {
             return fail("network.idle_timeout_secs must exceed network.ping_interval_secs");
         }
+        if n.takeover_grace_secs <= n.ping_interval_secs {
+            return fail("network.takeover_grace_secs must exceed network.ping_interval_secs");
+        }
+        if self.workers.channel_bytes < 4096 {
+            return fail("workers.channel_bytes must be at least 4096");
+        }
+        if self.workers.reply_timeout_ms == 0 {
+            return fail("workers.reply_timeout_ms must be at least 1");
+        }
+        let p = &self.protocol;
+        if p.full_scrape_interval_secs == 0 {
+            return fail("protocol.full_scrape_interval_secs must be at least 1");
+        }
+        if p.full_scrape
+            && p.full_scrape_max_swarms
+                .saturating_mul(FULL_SCRAPE_BYTES_PER_SWARM)
+                > n.max_outgoing_queue
+        {
+            return fail(
+                "protocol.full_scrape_max_swarms × 200 bytes must fit in network.max_outgoing_queue",
+            );
+        }
         if n.max_messages_per_second > 0 && n.message_burst == 0 {
             return fail("network.message_burst must be at least 1 when rate limiting is on");
         }
@@ -234,6 +300,9 @@ impl Config {
         }
         if self.protocol.max_scrape_hashes == 0 || self.protocol.max_scrape_hashes > 256 {
             return fail("protocol.max_scrape_hashes must be 1..=256");
+        }
+        if self.protocol.max_peer_ids_per_swarm == 0 {
+            return fail("protocol.max_peer_ids_per_swarm must be at least 1");
         }
         if self.protocol.max_swarms_per_connection == 0 {
             return fail("protocol.max_swarms_per_connection must be at least 1");
@@ -250,44 +319,34 @@ impl Config {
         Ok(())
     }
 
-    /// The defaults as TOML, each field preceded by its documentation.
+    /// This config as TOML, each field preceded by its doc comment from this file; optional
+    /// fields left unset are shown commented out with their example.
     pub fn to_commented_toml(&self) -> String {
-        let plain = toml::to_string(self).unwrap_or_default();
+        let table = toml::Table::try_from(self).unwrap_or_default();
         let mut out = String::from(
             "# tidepool-tracker configuration. Every field is optional; these are the defaults.\n",
         );
-        let mut section = "";
-        for line in plain.lines() {
-            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-                section = match name {
-                    "network" => "network",
-                    "protocol" => "protocol",
-                    "access_list" => "access_list",
-                    "metrics" => "metrics",
-                    _ => "workers",
-                };
-                out.push('\n');
-            } else if let Some((key, _)) = line.split_once(" = ")
-                && let Some(doc) = field_doc(section, key)
-            {
-                out.push_str(&format!("\n# {doc}\n"));
+        let comment = |out: &mut String, doc: &str| {
+            for line in doc.lines().filter(|l| !l.starts_with("Example: ")) {
+                out.push_str(&format!("# {line}\n").replace("# \n", "#\n"));
             }
-            out.push_str(line);
-            out.push('\n');
+        };
+        for (section, section_type, section_doc) in docs::fields("Config") {
+            out.push_str(&format!("\n[{section}]\n"));
+            comment(&mut out, section_doc);
+            let values = table.get(section).and_then(toml::Value::as_table);
+            for (key, _, doc) in docs::fields(section_type) {
+                out.push('\n');
+                comment(&mut out, doc);
+                match values.and_then(|v| v.get(key)) {
+                    Some(value) => out.push_str(&format!("{key} = {value}\n")),
+                    None => {
+                        let example = doc.lines().find_map(|l| l.strip_prefix("Example: "));
+                        out.push_str(&format!("# {key} = {}\n", example.unwrap_or("")));
+                    }
+                }
+            }
         }
-        // Optional fields without a value are left out by TOML; show them commented.
-        out = out.replace(
-            "[network]\n",
-            "[network]\n# PEM certificate chain and key; with both set, serves wss:// instead of ws://.\n# tls_cert = \"/etc/tidepool/cert.pem\"\n# tls_key = \"/etc/tidepool/key.pem\"\n",
-        );
-        out = out.replace(
-            "\n[access_list]\n",
-            "\n[access_list]\n# File of info hashes (40 hex digits a line); required for allow and deny.\n# path = \"/etc/tidepool/access-list.txt\"\n",
-        );
-        out = out.replace(
-            "\n[metrics]\n",
-            "\n[metrics]\n# Address for /metrics, /stats and /stats.json (off unless set; or --metrics ADDR).\n# listen = \"127.0.0.1:9000\"\n",
-        );
         out
     }
 
@@ -296,85 +355,23 @@ impl Config {
     }
 }
 
-/// The doc comments above, for `--print-config` (kept next to the fields they describe).
-fn field_doc(section: &str, key: &str) -> Option<&'static str> {
-    Some(match (section, key) {
-        ("network", "listen") => {
-            "Address to listen on. Loopback by default: binding publicly is a deliberate choice."
-        }
-        ("network", "tls_cert") | ("network", "tls_key") => {
-            "PEM certificate chain / private key (both, or neither)."
-        }
-        ("network", "max_connections_per_worker") => {
-            "Most open connections per socket worker; more are closed at accept."
-        }
-        ("network", "max_message_size") => {
-            "Largest WebSocket message, in bytes (a frame with 10 offers is about 12 KiB)."
-        }
-        ("network", "max_frame_size") => "Largest WebSocket frame, in bytes.",
-        ("network", "read_buffer_size") => {
-            "Read buffer per connection, in bytes; dominates memory per idle connection."
-        }
-        ("network", "max_outgoing_queue") => {
-            "Outgoing bytes queued per connection before it counts as a slow reader and is closed."
-        }
-        ("network", "handshake_timeout_ms") => {
-            "Milliseconds a client has to complete the WebSocket handshake (slowloris defence)."
-        }
-        ("network", "ping_interval_secs") => {
-            "Seconds without any frame from a client before it is sent a ping."
-        }
-        ("network", "idle_timeout_secs") => {
-            "Seconds without any frame from a client (pongs included) before it is closed."
-        }
-        ("network", "max_messages_per_second") => {
-            "Text frames per second one connection may send on average (token bucket; 0 = no limit)."
-        }
-        ("network", "message_burst") => {
-            "Frames a connection may send in a burst above the average rate."
-        }
-        ("network", "max_connections_per_ip") => {
-            "Most open connections from one client address (0 = no limit); behind a trusted proxy, the forwarded address."
-        }
-        ("network", "trusted_proxies") => {
-            "Reverse proxies (addresses or CIDR blocks) whose X-Forwarded-For / X-Real-IP name the client."
-        }
-        ("access_list", "mode") => {
-            "off, allow (only listed swarms are served) or deny (listed swarms are refused)."
-        }
-        ("access_list", "reload_interval_secs") => {
-            "Reload the file this often, in seconds, as well as on SIGUSR1 (0 = on SIGUSR1 only)."
-        }
-        ("metrics", "stats_interval_ms") => {
-            "Milliseconds between refreshes of swarm counts and rates."
-        }
-        ("metrics", "top_swarms") => "Swarms listed on the stats page.",
-        ("protocol", "announce_interval_secs") => {
-            "Seconds clients are told to wait between announces."
-        }
-        ("protocol", "peer_timeout_secs") => {
-            "Peers that have not announced for this many seconds are dropped."
-        }
-        ("protocol", "clean_interval_secs") => "Seconds between sweeps for timed-out peers.",
-        ("protocol", "max_offers") => {
-            "Most offers accepted in one announce (more is an error) and forwarded."
-        }
-        ("protocol", "default_numwant") => "Offers forwarded when the client sends no numwant.",
-        ("protocol", "max_scrape_hashes") => "Most info hashes in one scrape.",
-        ("protocol", "max_swarms_per_connection") => {
-            "Most swarms one connection may join (npm clients share one socket for many torrents)."
-        }
-        ("workers", "socket_workers") => {
-            "Socket worker threads, each its own event loop, sharing the port via SO_REUSEPORT."
-        }
-        ("workers", "swarm_workers") => {
-            "Swarm worker threads; swarms are sharded across them by info hash."
-        }
-        ("workers", "channel_capacity") => {
-            "Capacity of each channel between workers; when full, requests get a failure reply."
-        }
-        _ => return None,
-    })
+/// Worst-case bytes of one swarm in a full-scrape reply (ids escaped, counts at their widest).
+pub(crate) const FULL_SCRAPE_BYTES_PER_SWARM: usize = 200;
+
+/// The doc comments of this file's structs, collected by `build.rs`.
+mod docs {
+    include!(concat!(env!("OUT_DIR"), "/config_docs.rs"));
+
+    /// (field, type name, doc) of each field of `ty`, in declaration order.
+    pub(super) fn fields(
+        ty: &str,
+    ) -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+        let ty = ty.to_owned();
+        FIELDS
+            .iter()
+            .filter(move |(t, ..)| *t == ty)
+            .map(|&(_, field, field_type, doc)| (field, field_type, doc))
+    }
 }
 
 #[cfg(test)]
@@ -404,11 +401,50 @@ mod tests {
     fn every_field_has_a_printed_comment() {
         let text = Config::default().to_commented_toml();
         let lines: Vec<&str> = text.lines().collect();
+        let mut settings = 0;
         for (i, line) in lines.iter().enumerate() {
-            if line.contains(" = ") && !line.starts_with('#') {
-                assert!(lines[i - 1].starts_with('#'), "no comment above {line}");
+            if line.contains(" = ") && !line.starts_with("# ") || line.starts_with("# tls_") {
+                settings += 1;
+                assert!(
+                    lines[i - 1].starts_with("# ") && lines[i - 1].len() > 10,
+                    "no comment above {line}"
+                );
             }
         }
+        // Every field of every section is printed, the unset optional ones commented out.
+        let fields: usize = docs::fields("Config")
+            .map(|(_, ty, _)| docs::fields(ty).count())
+            .sum();
+        assert!(fields >= 30, "{fields}");
+        assert!(settings >= 2);
+        for (section, ty, _) in docs::fields("Config") {
+            for (key, _, doc) in docs::fields(ty) {
+                assert!(!doc.trim().is_empty(), "{section}.{key} has no doc comment");
+                assert!(
+                    text.contains(&format!("\n{key} = "))
+                        || text.contains(&format!("\n# {key} = ")),
+                    "{section}.{key} not printed"
+                );
+            }
+        }
+        assert!(text.contains("# tls_cert = \"/etc/tidepool/cert.pem\""));
+        assert!(
+            text.contains("# Address to listen on. Loopback by default"),
+            "doc comments reach the output"
+        );
+    }
+
+    #[test]
+    fn an_edited_template_parses_with_its_commented_settings_enabled() {
+        let text = Config::default().to_commented_toml().replace(
+            "# listen = \"127.0.0.1:9000\"",
+            "listen = \"127.0.0.1:9000\"",
+        );
+        let c = Config::from_toml(&text).expect("parses");
+        assert_eq!(
+            c.metrics.listen,
+            Some("127.0.0.1:9000".parse().expect("addr"))
+        );
     }
 
     #[test]

@@ -56,6 +56,22 @@ kinds!(
         SwarmLimit => "swarm_limit",
         AccessDenied => "access_denied",
         PeerIdInUse => "peer_id_in_use",
+        FullScrapeDisabled => "full_scrape_disabled",
+        FullScrapeRateLimited => "full_scrape_rate_limited",
+        ScrapeTimeout => "scrape_timeout",
+        ScrapesInFlight => "scrapes_in_flight",
+    }
+);
+
+kinds!(
+    /// Replies a swarm worker could not hand to a socket worker (its inbox was full by
+    /// count or bytes), by what they were.
+    DropKind {
+        AnnounceResponse => "announce_response",
+        Offer => "offer",
+        Answer => "answer",
+        Error => "error",
+        ScrapePart => "scrape_part",
     }
 );
 
@@ -109,6 +125,15 @@ pub(crate) struct SocketMetrics {
     pub(crate) closed: [AtomicU64; CloseReason::COUNT],
     /// Replies waiting in this worker's inbox from the swarm workers.
     pub(crate) inbox_depth: AtomicU64,
+    /// Bytes those replies hold.
+    pub(crate) inbox_bytes: AtomicU64,
+    /// Replies nobody waits for any more: their connection closed, or their scrape was
+    /// already answered (timed out, or another part was refused).
+    pub(crate) replies_orphaned: AtomicU64,
+    /// Swarms the connections of this worker hold a peer in, as of the last sweep.
+    pub(crate) memberships: AtomicU64,
+    /// Full-scrape snapshots this worker rebuilt.
+    pub(crate) full_scrape_rebuilds: AtomicU64,
     pub(crate) tls_handshakes: AtomicU64,
     pub(crate) tls_handshake_failures: AtomicU64,
 }
@@ -126,6 +151,10 @@ impl Default for SocketMetrics {
             errors: counters(),
             closed: counters(),
             inbox_depth: AtomicU64::new(0),
+            inbox_bytes: AtomicU64::new(0),
+            replies_orphaned: AtomicU64::new(0),
+            memberships: AtomicU64::new(0),
+            full_scrape_rebuilds: AtomicU64::new(0),
             tls_handshakes: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
         }
@@ -141,8 +170,17 @@ pub(crate) struct SwarmMetrics {
     pub(crate) leechers: AtomicU64,
     /// Requests waiting in this worker's inbox from the socket workers.
     pub(crate) inbox_depth: AtomicU64,
+    /// Bytes those requests hold.
+    pub(crate) inbox_bytes: AtomicU64,
     pub(crate) requests: AtomicU64,
+    /// Closed-connection notices handled (they travel on their own lossless lane).
+    pub(crate) closes: AtomicU64,
     pub(crate) peers_purged: AtomicU64,
+    /// Replies dropped because a socket worker's inbox was full, by kind.
+    pub(crate) dropped: [AtomicU64; DropKind::COUNT],
+    pub(crate) takeovers: AtomicU64,
+    pub(crate) replaced: AtomicU64,
+    pub(crate) timed_out: AtomicU64,
     /// This shard's largest swarms, biggest first.
     pub(crate) top: Mutex<Vec<(InfoHash, ScrapeStats)>>,
 }
@@ -282,6 +320,34 @@ impl Metrics {
         );
         per_worker(
             &mut out,
+            "tidepool_socket_inbox_bytes",
+            "Bytes of the replies queued from swarm workers to this socket worker.",
+            "gauge",
+            &|s| s.inbox_bytes.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_replies_orphaned_total",
+            "Replies dropped because their connection closed or their scrape was already answered.",
+            "counter",
+            &|s| s.replies_orphaned.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_connection_swarms",
+            "Swarms the open connections hold a peer in (refreshed each sweep).",
+            "gauge",
+            &|s| s.memberships.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_full_scrape_rebuilds_total",
+            "Full-scrape snapshots rebuilt by this socket worker.",
+            "counter",
+            &|s| s.full_scrape_rebuilds.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
             "tidepool_tls_handshakes_total",
             "TLS handshakes completed.",
             "counter",
@@ -387,6 +453,56 @@ impl Metrics {
             "gauge",
             &|s| s.inbox_depth.load(Relaxed),
         );
+        per_shard(
+            &mut out,
+            "tidepool_swarm_inbox_bytes",
+            "Bytes of the requests queued from socket workers to this swarm worker.",
+            "gauge",
+            &|s| s.inbox_bytes.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "tidepool_swarm_closes_total",
+            "Closed-connection notices handled (never dropped: they have their own lane).",
+            "counter",
+            &|s| s.closes.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "tidepool_peer_takeovers_total",
+            "Peer ids claimed by a new connection after their owner went silent or closed.",
+            "counter",
+            &|s| s.takeovers.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "tidepool_peers_replaced_total",
+            "Peers replaced by a new peer id announced from the same connection.",
+            "counter",
+            &|s| s.replaced.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "tidepool_peers_timed_out_total",
+            "Peers dropped after the peer timeout.",
+            "counter",
+            &|s| s.timed_out.load(Relaxed),
+        );
+        family(
+            &mut out,
+            "tidepool_replies_dropped_total",
+            "Replies a swarm worker dropped because a socket worker's inbox was full.",
+            "counter",
+        );
+        for (w, s) in shards.iter().enumerate() {
+            for (i, l) in DropKind::LABELS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "tidepool_replies_dropped_total{{shard=\"{w}\",kind=\"{l}\"}} {}",
+                    s.dropped[i].load(Relaxed)
+                );
+            }
+        }
         per_shard(
             &mut out,
             "tidepool_swarm_requests_total",

@@ -14,11 +14,14 @@ use mio::{Poll, Waker};
 use tidepool_protocol::tracker::{Action, ErrorResponse};
 
 use crate::access::{AccessList, AccessListError, AccessListMode, AccessView, SharedAccessList};
+use crate::channel::{Rx, Tx};
 use crate::config::{Config, ConfigError};
-use crate::metrics::{Metrics, Rates, Totals, bump};
+use crate::full_scrape::FullScrape;
+use crate::liveness::LivenessTable;
+use crate::metrics::{DropKind, Metrics, Rates, Totals, bump};
 use crate::net::{SocketWorker, WAKER};
 use crate::proxy::IpLimiter;
-use crate::swarm::{ConnId, FrameKind, Output, Request, Shard, ShardConfig};
+use crate::swarm::{ConnId, FrameKind, Liveness, Output, Request, Shard, ShardConfig};
 use crate::tls::{CertStore, TlsError};
 
 /// Why the tracker could not start.
@@ -57,7 +60,21 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     pub(crate) access: SharedAccessList,
     pub(crate) ip_limiter: IpLimiter,
+    /// When each connection was last heard from (for peer id takeover).
+    pub(crate) liveness: LivenessTable,
+    pub(crate) full_scrape: FullScrape,
     shutdown: AtomicBool,
+}
+
+/// How a socket worker reaches one swarm worker.
+#[derive(Debug, Clone)]
+pub(crate) struct SwarmLanes {
+    /// Requests, bounded by count and bytes: a full inbox refuses with a failure reply.
+    pub(crate) requests: Tx<(ConnId, Request)>,
+    /// Close notices, which must never be lost (lost ones would leave ghost peers owning
+    /// their ids). Unbounded, but bounded by construction: one notice per closed connection
+    /// per swarm worker, each naming at most `max_swarms_per_connection` peers.
+    pub(crate) closes: Sender<(ConnId, Request)>,
 }
 
 impl Shared {
@@ -147,20 +164,36 @@ impl Tracker {
             metrics: Metrics::new(config.workers.socket_workers, config.workers.swarm_workers),
             access: SharedAccessList::new(AccessList::default()),
             ip_limiter: IpLimiter::new(config.network.max_connections_per_ip),
+            liveness: LivenessTable::new(
+                config.workers.socket_workers,
+                config.network.max_connections_per_worker,
+            ),
+            full_scrape: FullScrape::new(
+                config.workers.swarm_workers,
+                Duration::from_secs(config.protocol.full_scrape_interval_secs),
+                config.protocol.full_scrape_max_swarms,
+            ),
             shutdown: AtomicBool::new(false),
             config,
         });
         shared.reload_access_list()?;
         let config = &shared.config;
-        let cap = config.workers.channel_capacity;
+        let (cap, bytes) = (
+            config.workers.channel_capacity,
+            config.workers.channel_bytes,
+        );
 
-        let (to_swarms, swarm_rxs): (Vec<Sender<(ConnId, Request)>>, Vec<_>) =
-            (0..config.workers.swarm_workers)
-                .map(|_| crossbeam_channel::bounded(cap))
-                .unzip();
-        let (to_sockets, socket_rxs): (Vec<Sender<(ConnId, Output)>>, Vec<_>) =
+        let mut to_swarms = Vec::new();
+        let mut swarm_rxs = Vec::new();
+        for _ in 0..config.workers.swarm_workers {
+            let (requests, requests_rx) = crate::channel::bounded(cap, bytes);
+            let (closes, closes_rx) = crossbeam_channel::unbounded();
+            to_swarms.push(SwarmLanes { requests, closes });
+            swarm_rxs.push((requests_rx, closes_rx));
+        }
+        let (to_sockets, socket_rxs): (Vec<Tx<(ConnId, Output)>>, Vec<_>) =
             (0..config.workers.socket_workers)
-                .map(|_| crossbeam_channel::bounded(cap))
+                .map(|_| crate::channel::bounded(cap, bytes))
                 .unzip();
 
         let mut polls = Vec::new();
@@ -174,7 +207,7 @@ impl Tracker {
         }
 
         let mut threads = Vec::new();
-        for (index, rx) in swarm_rxs.into_iter().enumerate() {
+        for (index, (rx, closes)) in swarm_rxs.into_iter().enumerate() {
             let worker = SwarmWorker {
                 index,
                 shard: Shard::new(
@@ -183,11 +216,13 @@ impl Tracker {
                         peer_timeout: Duration::from_secs(config.protocol.peer_timeout_secs),
                         max_offers: config.protocol.max_offers,
                         default_numwant: config.protocol.default_numwant,
+                        takeover_grace: Duration::from_secs(config.network.takeover_grace_secs),
                     },
                     fastrand::u64(..),
                 ),
                 access: AccessView::new(&shared.access),
                 rx,
+                closes,
                 to_sockets: to_sockets.clone(),
                 wakers: wakers.clone(),
                 shared: shared.clone(),
@@ -378,17 +413,22 @@ fn bind_reuseport(addr: SocketAddr, n: usize) -> Result<Vec<mio::net::TcpListene
     Ok(listeners)
 }
 
-/// The I/O shell around one [`Shard`]: receives requests, delivers outputs, cleans, enforces
-/// access list changes and publishes its gauges.
+/// The I/O shell around one [`Shard`]: receives requests and close notices, delivers
+/// outputs (counting what a full socket inbox refuses), cleans, enforces access list changes
+/// and publishes its gauges and its part of the full-scrape snapshot.
 struct SwarmWorker {
     index: usize,
     shard: Shard,
     access: AccessView,
-    rx: Receiver<(ConnId, Request)>,
-    to_sockets: Vec<Sender<(ConnId, Output)>>,
+    rx: Rx<(ConnId, Request)>,
+    closes: Receiver<(ConnId, Request)>,
+    to_sockets: Vec<Tx<(ConnId, Output)>>,
     wakers: Vec<Arc<Waker>>,
     shared: Arc<Shared>,
 }
+
+/// Requests handled per batch before the outputs are delivered.
+const REQUESTS_PER_BATCH: usize = 1024;
 
 impl SwarmWorker {
     fn run(mut self) {
@@ -397,37 +437,89 @@ impl SwarmWorker {
         let clean_interval = Duration::from_secs(shared.config.protocol.clean_interval_secs);
         let stats_interval = Duration::from_millis(shared.config.metrics.stats_interval_ms);
         let publish_top = shared.config.metrics.listen.is_some();
+        let full_scrape = shared.config.protocol.full_scrape;
         let mut out = Vec::new();
         let mut wake = vec![false; self.to_sockets.len()];
         let mut next_clean = Instant::now() + clean_interval;
         let mut next_stats = Instant::now();
+        let mut next_full_scrape = Instant::now();
         while !shared.shutting_down() {
             let wait = next_clean
                 .min(next_stats)
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(500));
-            let received = self.rx.recv_timeout(wait);
+            let mut first = None;
+            let mut disconnected = false;
+            crossbeam_channel::select! {
+                recv(self.closes) -> msg => match msg {
+                    Ok(notice) => first = Some(notice),
+                    Err(_) => disconnected = true,
+                },
+                recv(self.rx.raw()) -> msg => match msg {
+                    Ok(request) => {
+                        self.rx.received(&request);
+                        first = Some(request);
+                    }
+                    Err(_) => disconnected = true,
+                },
+                default(wait) => {}
+            }
+            if disconnected {
+                return;
+            }
             // After the wait, so requests that arrive after a reload meet the new list.
             if self.access.refresh(&shared.access) {
                 let list = self.access.list();
                 let purged = self.shard.retain_swarms(|h| list.allows(h));
                 bump(&m.peers_purged, purged as u64);
             }
-            match received {
-                Ok(first) => {
-                    let now = Instant::now();
-                    m.inbox_depth.store(self.rx.len() as u64, Ordering::Relaxed);
-                    let mut handled = 0;
-                    let batch = std::iter::once(first).chain(self.rx.try_iter().take(1024));
-                    for (conn, request) in batch {
-                        handle(&mut self.shard, &self.access, now, conn, request, &mut out);
-                        handled += 1;
-                    }
-                    bump(&m.requests, handled);
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+            let now = Instant::now();
+            let liveness: &dyn Liveness = &shared.liveness;
+            // Close notices first: they are few, and an announce that overtook its
+            // connection's close is refused by the shard (the connection reads as closed).
+            let mut closes = 0;
+            while let Ok((conn, notice)) = self.closes.try_recv() {
+                self.shard.handle(now, conn, notice, liveness, &mut out);
+                closes += 1;
             }
+            let mut handled = 0;
+            if let Some((conn, request)) = first {
+                if matches!(request, Request::Closed { .. }) {
+                    closes += 1;
+                } else {
+                    handled += 1;
+                }
+                handle(
+                    &mut self.shard,
+                    &self.access,
+                    now,
+                    conn,
+                    request,
+                    liveness,
+                    &mut out,
+                );
+            }
+            if handled > 0 || !self.rx.raw().is_empty() {
+                m.inbox_depth.store(self.rx.len() as u64, Ordering::Relaxed);
+                m.inbox_bytes
+                    .store(self.rx.bytes() as u64, Ordering::Relaxed);
+                while handled < REQUESTS_PER_BATCH
+                    && let Ok((conn, request)) = self.rx.try_recv()
+                {
+                    handle(
+                        &mut self.shard,
+                        &self.access,
+                        now,
+                        conn,
+                        request,
+                        liveness,
+                        &mut out,
+                    );
+                    handled += 1;
+                }
+            }
+            bump(&m.requests, handled as u64);
+            bump(&m.closes, closes);
             let now = Instant::now();
             if now >= next_clean {
                 self.shard.clean(now);
@@ -438,17 +530,28 @@ impl SwarmWorker {
                 m.swarms.store(swarms, Ordering::Relaxed);
                 m.seeders.store(seeders, Ordering::Relaxed);
                 m.leechers.store(leechers, Ordering::Relaxed);
+                let c = self.shard.counters();
+                m.takeovers.store(c.takeovers, Ordering::Relaxed);
+                m.replaced.store(c.replaced, Ordering::Relaxed);
+                m.timed_out.store(c.timed_out, Ordering::Relaxed);
                 if publish_top && let Ok(mut top) = m.top.lock() {
                     *top = self.shard.top_swarms(shared.config.metrics.top_swarms);
                 }
                 next_stats = now + stats_interval;
             }
+            if full_scrape && now >= next_full_scrape {
+                let part = self.shard.top_swarms(shared.full_scrape.max_swarms());
+                shared.full_scrape.publish(self.index, part);
+                next_full_scrape = now + shared.full_scrape.interval() / 2;
+            }
             for (conn, output) in out.drain(..) {
                 let w = conn.worker as usize;
-                // Never block on a socket worker (it may be blocked on us): a full channel
-                // drops the message, which the client sees as a lost offer.
-                if self.to_sockets[w].try_send((conn, output)).is_ok() {
-                    wake[w] = true;
+                let kind = drop_kind(&output);
+                // Never block on a socket worker (it may be blocked on us): a full inbox
+                // drops the reply, counted; the client sees a lost offer or a scrape timeout.
+                match self.to_sockets[w].try_send((conn, output)) {
+                    Ok(()) => wake[w] = true,
+                    Err(_) => bump(&m.dropped[kind as usize], 1),
                 }
             }
             for (w, flag) in wake.iter_mut().enumerate() {
@@ -460,6 +563,16 @@ impl SwarmWorker {
     }
 }
 
+fn drop_kind(output: &Output) -> DropKind {
+    match output {
+        Output::Frame(FrameKind::AnnounceResponse, _) => DropKind::AnnounceResponse,
+        Output::Frame(FrameKind::Offer, _) => DropKind::Offer,
+        Output::Frame(FrameKind::Answer, _) => DropKind::Answer,
+        Output::Frame(FrameKind::Error | FrameKind::Denied, _) => DropKind::Error,
+        Output::ScrapePart { .. } => DropKind::ScrapePart,
+    }
+}
+
 /// Hands a request to the shard, refusing announces into swarms the access list denies. The
 /// socket workers check too; this closes the race with a reload in between.
 fn handle(
@@ -468,6 +581,7 @@ fn handle(
     now: Instant,
     conn: ConnId,
     request: Request,
+    liveness: &dyn Liveness,
     out: &mut Vec<(ConnId, Output)>,
 ) {
     if let Request::Announce(a) = &request
@@ -484,5 +598,5 @@ fn handle(
         out.push((conn, Output::Frame(FrameKind::Denied, frame)));
         return;
     }
-    shard.handle(now, conn, request, out);
+    shard.handle(now, conn, request, liveness, out);
 }

@@ -3,6 +3,20 @@
 //!
 //! Call order for a driver: [`Shard::handle`] for each request as it arrives, [`Shard::clean`]
 //! every cleaning interval. Each call appends to `out`; the driver delivers and clears it.
+//!
+//! Membership rules (what a long-lived client relies on):
+//! - one connection holds at most a few peers per swarm (`max_peer_ids_per_swarm`, 4 by
+//!   default, counted by the socket worker): a new `peer_id` past that replaces the
+//!   connection's least recently announced one there, which the socket worker names in
+//!   [`Announce::replaces`]. Not one: the npm client shares one socket among all clients of
+//!   a process, so two clients of one process in one torrent are two peers on one socket;
+//!   a few, so a socket that invents a fresh id per announce stays a few peers;
+//! - a `peer_id` belongs to the connection that announced it; another connection may take it
+//!   over only when the owner has been silent (no frame, no pong) for longer than
+//!   [`ShardConfig::takeover_grace`], or is gone — a client whose network changed reconnects
+//!   and keeps its id, while a live owner cannot be hijacked;
+//! - a closed connection names the (swarm, peer) pairs it held in [`Request::Closed`], so
+//!   teardown costs O(its peers), and only peers it still owns are removed.
 
 use std::time::{Duration, Instant};
 
@@ -42,6 +56,9 @@ pub struct Announce {
     pub offers: Vec<(OfferId, Box<str>)>,
     /// The answer part, when this announce answers an offer.
     pub answer: Option<AnswerPart>,
+    /// A peer id of this connection in this swarm that the announced one replaces (the
+    /// connection already held as many ids there as it may): that peer leaves.
+    pub replaces: Option<PeerId>,
 }
 
 /// The answer carried by an announce.
@@ -60,20 +77,52 @@ pub struct AnswerPart {
 pub enum Request {
     /// An announce (possibly carrying offers or an answer).
     Announce(Announce),
-    /// Counts for these swarms (zeros for unknown ones), or for every swarm of the shard.
+    /// Counts for these swarms (zeros for unknown ones). Scrapes of every swarm are served
+    /// from a snapshot built from [`Shard::top_swarms`], never through here.
     Scrape {
         /// Echoed in the reply so the socket worker can merge parts from several shards.
         request_id: u64,
-        /// The swarms, or empty with `all`.
+        /// The swarms.
         info_hashes: Vec<InfoHash>,
-        /// Scrape every swarm this shard holds.
-        all: bool,
     },
-    /// The connection closed: drop the peers it owns in these swarms (and only those).
+    /// The connection closed: drop the peers it owns among these (and only those).
     Closed {
-        /// The swarms it had joined that live in this shard.
-        info_hashes: Vec<InfoHash>,
+        /// The (swarm, peer id) pairs it held in this shard.
+        peers: Vec<(InfoHash, PeerId)>,
     },
+}
+
+impl Request {
+    /// Bytes this request holds, for byte-bounded channels (an estimate that never
+    /// undercounts what a client controls: the offers, the answer, the hashes).
+    pub fn weight(&self) -> usize {
+        const BASE: usize = size_of::<Request>() + 32;
+        match self {
+            Request::Announce(a) => {
+                BASE + a.offers.iter().map(|(_, o)| o.len() + 64).sum::<usize>()
+                    + a.answer.as_ref().map_or(0, |x| x.answer.len() + 64)
+            }
+            Request::Scrape { info_hashes, .. } => BASE + info_hashes.len() * 20,
+            Request::Closed { peers } => BASE + peers.len() * 40,
+        }
+    }
+}
+
+/// How long ago a connection was last heard from (any frame or pong), as the socket
+/// workers see it. The shard asks only when another connection claims a peer id.
+pub trait Liveness {
+    /// Time since `conn` was last heard from at `now`; `Duration::MAX` when it is closed.
+    fn quiet_for(&self, conn: ConnId, now: Instant) -> Duration;
+}
+
+/// Every connection counts as live: no takeover ever happens (for tests and tools).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AlwaysLive;
+
+impl Liveness for AlwaysLive {
+    fn quiet_for(&self, _conn: ConnId, _now: Instant) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// What kind of message a frame from the shard is (for the metrics).
@@ -106,6 +155,19 @@ pub enum Output {
     },
 }
 
+impl Output {
+    /// Bytes this output holds, for byte-bounded channels.
+    pub fn weight(&self) -> usize {
+        const BASE: usize = size_of::<(ConnId, Output)>();
+        match self {
+            Output::Frame(_, frame) => BASE + frame.len(),
+            Output::ScrapePart { files, .. } => {
+                BASE + files.len() * size_of::<(InfoHash, ScrapeStats)>()
+            }
+        }
+    }
+}
+
 /// Tunables the shard needs (a slice of the tracker config).
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
@@ -117,6 +179,20 @@ pub struct ShardConfig {
     pub max_offers: usize,
     /// `numwant` when the client sends none.
     pub default_numwant: usize,
+    /// A peer id whose owning connection has been silent this long may be claimed by
+    /// another connection (a client that reconnected after its network changed).
+    pub takeover_grace: Duration,
+}
+
+/// Counters a shard keeps about itself, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardCounters {
+    /// Peer ids claimed by a new connection after their owner went silent or closed.
+    pub takeovers: u64,
+    /// Peers replaced by a new peer id announced from the same connection.
+    pub replaced: u64,
+    /// Peers dropped by [`Shard::clean`] after the peer timeout.
+    pub timed_out: u64,
 }
 
 #[derive(Debug)]
@@ -167,6 +243,7 @@ pub struct Shard {
     config: ShardConfig,
     swarms: AHashMap<InfoHash, Swarm>,
     rng: fastrand::Rng,
+    counters: ShardCounters,
 }
 
 impl Shard {
@@ -176,7 +253,22 @@ impl Shard {
             config,
             swarms: AHashMap::default(),
             rng: fastrand::Rng::with_seed(seed),
+            counters: ShardCounters::default(),
         }
+    }
+
+    /// What the shard has counted since it started.
+    pub fn counters(&self) -> ShardCounters {
+        self.counters
+    }
+
+    /// The connection that owns `peer_id` in `info_hash`, if that peer is held.
+    pub fn owner(&self, info_hash: &InfoHash, peer_id: &PeerId) -> Option<ConnId> {
+        self.swarms
+            .get(info_hash)?
+            .peers
+            .get(peer_id)
+            .map(|p| p.conn)
     }
 
     /// Number of swarms held.
@@ -230,57 +322,56 @@ impl Shard {
         removed
     }
 
-    /// Handles one request from `conn` at time `now`.
+    /// Handles one request from `conn` at time `now`; `liveness` tells how long a peer's
+    /// owner has been silent when another connection claims its id.
     pub fn handle(
         &mut self,
         now: Instant,
         conn: ConnId,
         request: Request,
+        liveness: &dyn Liveness,
         out: &mut Vec<(ConnId, Output)>,
     ) {
         match request {
-            Request::Announce(a) => self.announce(now, conn, a, out),
+            Request::Announce(a) => self.announce(now, conn, a, liveness, out),
             Request::Scrape {
                 request_id,
                 info_hashes,
-                all,
             } => {
-                let files = if all {
-                    self.swarms.iter().map(|(h, s)| (*h, s.stats())).collect()
-                } else {
-                    info_hashes
-                        .iter()
-                        .map(|h| (*h, self.swarms.get(h).map(Swarm::stats).unwrap_or_default()))
-                        .collect()
-                };
+                let files = info_hashes
+                    .iter()
+                    .map(|h| (*h, self.swarms.get(h).map(Swarm::stats).unwrap_or_default()))
+                    .collect();
                 out.push((conn, Output::ScrapePart { request_id, files }));
             }
-            Request::Closed { info_hashes } => {
-                for info_hash in info_hashes {
-                    let Some(swarm) = self.swarms.get_mut(&info_hash) else {
-                        continue;
-                    };
-                    // Only peers this connection owns: an impostor's disconnect evicts no one.
-                    let owned: Vec<PeerId> = swarm
-                        .peers
-                        .iter()
-                        .filter(|(_, p)| p.conn == conn)
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for peer_id in owned {
-                        swarm.remove(&peer_id);
-                    }
-                    if swarm.peers.is_empty() {
-                        self.swarms.remove(&info_hash);
-                    }
+            Request::Closed { peers } => {
+                for (info_hash, peer_id) in peers {
+                    self.remove_if_owned(&info_hash, &peer_id, conn);
                 }
             }
         }
     }
 
+    /// Removes `peer_id` from `info_hash` if `conn` owns it (an impostor's disconnect or
+    /// replacement evicts no one), and frees the swarm when it empties. True if removed.
+    fn remove_if_owned(&mut self, info_hash: &InfoHash, peer_id: &PeerId, conn: ConnId) -> bool {
+        let Some(swarm) = self.swarms.get_mut(info_hash) else {
+            return false;
+        };
+        if swarm.peers.get(peer_id).is_none_or(|p| p.conn != conn) {
+            return false;
+        }
+        swarm.remove(peer_id);
+        if swarm.peers.is_empty() {
+            self.swarms.remove(info_hash);
+        }
+        true
+    }
+
     /// Drops peers silent past the timeout and frees empty swarms.
     pub fn clean(&mut self, now: Instant) {
         let timeout = self.config.peer_timeout;
+        let timed_out = &mut self.counters.timed_out;
         self.swarms.retain(|_, swarm| {
             let stale: Vec<PeerId> = swarm
                 .peers
@@ -288,6 +379,7 @@ impl Shard {
                 .filter(|(_, p)| now.saturating_duration_since(p.last_seen) > timeout)
                 .map(|(id, _)| *id)
                 .collect();
+            *timed_out += stale.len() as u64;
             for peer_id in stale {
                 swarm.remove(&peer_id);
             }
@@ -300,8 +392,24 @@ impl Shard {
         now: Instant,
         conn: ConnId,
         a: Announce,
+        liveness: &dyn Liveness,
         out: &mut Vec<(ConnId, Output)>,
     ) {
+        if liveness.quiet_for(conn, now) == Duration::MAX {
+            // The connection closed after sending this, and its close notice (which travels
+            // on another lane) may already have been handled: joining now would leave a
+            // ghost peer that owns its id until the peer timeout. Nobody reads a reply.
+            return;
+        }
+        // The connection's previous id in this swarm leaves first, whatever becomes of the
+        // new one: the client has moved on from it, and the socket worker now records only
+        // the new id for this swarm (so a close could not name the old one).
+        if let Some(old) = a.replaces
+            && old != a.peer_id
+            && self.remove_if_owned(&a.info_hash, &old, conn)
+        {
+            self.counters.replaced += 1;
+        }
         let refuse = |out: &mut Vec<(ConnId, Output)>, reason: &'static str| {
             let mut frame = Vec::new();
             ErrorResponse {
@@ -313,20 +421,30 @@ impl Shard {
             out.push((conn, Output::Frame(FrameKind::Error, into_string(frame))));
         };
 
-        let owner = self
-            .swarms
-            .get(&a.info_hash)
-            .and_then(|s| s.peers.get(&a.peer_id))
-            .map(|p| p.conn);
-        if owner.is_some_and(|owner| owner != conn) {
-            // First announcer owns the peer_id in this swarm; nobody else may speak as it.
-            refuse(out, "peer_id is in use by another connection");
-            return;
+        let mut owner = self.owner(&a.info_hash, &a.peer_id);
+        if let Some(current) = owner
+            && current != conn
+        {
+            // The owner keeps its peer_id while it is live; a silent or closed owner's id
+            // passes to the claimant (same seeder state, counts unchanged).
+            if liveness.quiet_for(current, now) <= self.config.takeover_grace {
+                refuse(out, "peer_id is in use by another connection");
+                return;
+            }
+            if let Some(peer) = self
+                .swarms
+                .get_mut(&a.info_hash)
+                .and_then(|s| s.peers.get_mut(&a.peer_id))
+            {
+                peer.conn = conn;
+                self.counters.takeovers += 1;
+                owner = Some(conn);
+            }
         }
 
         if let Some(answer) = a.answer {
             self.route_answer(conn, &a.info_hash, &a.peer_id, answer, out);
-            if owner.is_some()
+            if owner == Some(conn)
                 && let Some(peer) = self
                     .swarms
                     .get_mut(&a.info_hash)
@@ -448,7 +566,8 @@ impl Shard {
             let Some(peer) = swarm.peers.get(&recipient) else {
                 continue;
             };
-            let mut frame = Vec::with_capacity(offer.len() + 200);
+            // Sized once by the encoder.
+            let mut frame = Vec::new();
             OfferMessage {
                 info_hash: *info_hash,
                 peer_id: *sender,
@@ -482,7 +601,7 @@ impl Shard {
         if to.conn == conn && answer.to_peer_id == *answerer {
             return;
         }
-        let mut frame = Vec::with_capacity(answer.answer.len() + 200);
+        let mut frame = Vec::new();
         AnswerMessage {
             info_hash: *info_hash,
             peer_id: *answerer,
@@ -509,6 +628,13 @@ mod tests {
 
     const T: Duration = Duration::from_secs(300);
 
+    impl Shard {
+        /// `handle` with every connection live.
+        fn h(&mut self, now: Instant, conn: ConnId, r: Request, out: &mut Vec<(ConnId, Output)>) {
+            self.handle(now, conn, r, &AlwaysLive, out);
+        }
+    }
+
     fn shard() -> Shard {
         Shard::new(
             ShardConfig {
@@ -516,6 +642,7 @@ mod tests {
                 peer_timeout: T,
                 max_offers: 10,
                 default_numwant: 50,
+                takeover_grace: Duration::from_secs(30),
             },
             7,
         )
@@ -545,6 +672,7 @@ mod tests {
                 })
                 .collect(),
             answer: None,
+            replaces: None,
         })
     }
 
@@ -566,7 +694,7 @@ mod tests {
         offers: usize,
         out: &mut Vec<(ConnId, Output)>,
     ) {
-        s.handle(
+        s.h(
             now,
             conn(peer as u32),
             announce(peer, event, seeder, offers),
@@ -600,13 +728,12 @@ mod tests {
 
     fn stats(s: &mut Shard, now: Instant) -> ScrapeStats {
         let mut out = Vec::new();
-        s.handle(
+        s.h(
             now,
             conn(99),
             Request::Scrape {
                 request_id: 1,
                 info_hashes: vec![InfoHash([1; 20])],
-                all: false,
             },
             &mut out,
         );
@@ -666,7 +793,7 @@ mod tests {
             unreachable!()
         };
         a.numwant = Some(2);
-        s.handle(now, conn(1), Request::Announce(a), &mut out);
+        s.h(now, conn(1), Request::Announce(a), &mut out);
         assert_eq!(out.len(), 3);
     }
 
@@ -675,41 +802,26 @@ mod tests {
         let mut s = shard();
         let now = Instant::now();
         let mut out = Vec::new();
+        let peer_of = |p: u32| {
+            let mut id = [1u8; 20];
+            id[0] = (p % 256) as u8;
+            id[1] = (p / 256) as u8;
+            id
+        };
         for p in 0..200u32 {
             let Request::Announce(mut a) = announce(0, AnnounceEvent::Started, false, 0) else {
                 unreachable!()
             };
-            a.peer_id = PeerId([
-                (p % 256) as u8,
-                (p / 256) as u8,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-            ]);
-            s.handle(now, conn(p), Request::Announce(a), &mut out);
+            a.peer_id = PeerId(peer_of(p));
+            s.h(now, conn(p), Request::Announce(a), &mut out);
         }
         // Remove every third peer; the order index must stay consistent.
         for p in (0..200u32).step_by(3) {
-            s.handle(
+            s.h(
                 now,
                 conn(p),
                 Request::Closed {
-                    info_hashes: vec![InfoHash([1; 20])],
+                    peers: vec![(InfoHash([1; 20]), PeerId(peer_of(p)))],
                 },
                 &mut out,
             );
@@ -720,7 +832,7 @@ mod tests {
             unreachable!()
         };
         a.peer_id = PeerId([1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
-        s.handle(now, conn(1), Request::Announce(a), &mut out);
+        s.h(now, conn(1), Request::Announce(a), &mut out);
         let recipients: std::collections::HashSet<ConnId> = out
             .iter()
             .map(|(c, _)| *c)
@@ -749,7 +861,7 @@ mod tests {
             offer_id: OfferId::from_bytes20(&[9; 20]),
             answer: r#"{"type":"answer","sdp":"y"}"#.into(),
         });
-        s.handle(now, conn(2), Request::Announce(a), &mut out);
+        s.h(now, conn(2), Request::Announce(a), &mut out);
         assert_eq!(frames_for(&out, conn(1)), ["answer from 2"]);
         assert!(frames_for(&out, conn(2)).is_empty());
     }
@@ -762,13 +874,13 @@ mod tests {
         act(&mut s, now, 1, AnnounceEvent::Started, false, 0, &mut out);
         out.clear();
         // Another connection announcing, stopping or answering as peer 1.
-        s.handle(
+        s.h(
             now,
             conn(666),
             announce(1, AnnounceEvent::Started, true, 0),
             &mut out,
         );
-        s.handle(
+        s.h(
             now,
             conn(666),
             announce(1, AnnounceEvent::Stopped, true, 0),
@@ -776,21 +888,21 @@ mod tests {
         );
         let errors = frames_for(&out, conn(666));
         assert_eq!(errors, ["error peer_id is in use by another connection"; 2]);
-        s.handle(
+        s.h(
             now,
             conn(666),
             Request::Closed {
-                info_hashes: vec![InfoHash([1; 20])],
+                peers: vec![(InfoHash([1; 20]), PeerId([1; 20]))],
             },
             &mut out,
         );
         assert_eq!(s.peer_count(), 1, "owner still there");
         assert_eq!(stats(&mut s, now).incomplete, 1);
-        s.handle(
+        s.h(
             now,
             conn(1),
             Request::Closed {
-                info_hashes: vec![InfoHash([1; 20])],
+                peers: vec![(InfoHash([1; 20]), PeerId([1; 20]))],
             },
             &mut out,
         );
@@ -822,51 +934,192 @@ mod tests {
     }
 
     #[test]
-    fn scrape_of_unknown_swarm_is_zeros_and_all_lists_every_swarm() {
+    fn scrape_of_unknown_swarm_is_zeros() {
         let mut s = shard();
         let now = Instant::now();
         let mut out = Vec::new();
         act(&mut s, now, 1, AnnounceEvent::Started, false, 0, &mut out);
         out.clear();
-        s.handle(
+        s.h(
             now,
             conn(1),
             Request::Scrape {
                 request_id: 5,
-                info_hashes: vec![InfoHash([2; 20])],
-                all: false,
-            },
-            &mut out,
-        );
-        s.handle(
-            now,
-            conn(1),
-            Request::Scrape {
-                request_id: 6,
-                info_hashes: vec![],
-                all: true,
+                info_hashes: vec![InfoHash([2; 20]), InfoHash([1; 20])],
             },
             &mut out,
         );
         assert_eq!(
             out,
-            [
-                (
-                    conn(1),
-                    Output::ScrapePart {
-                        request_id: 5,
-                        files: vec![(InfoHash([2; 20]), ScrapeStats::default())]
-                    }
-                ),
-                (
-                    conn(1),
-                    Output::ScrapePart {
-                        request_id: 6,
-                        files: vec![(InfoHash([1; 20]), counts(0, 1, 0))]
-                    }
-                ),
-            ]
+            [(
+                conn(1),
+                Output::ScrapePart {
+                    request_id: 5,
+                    files: vec![
+                        (InfoHash([2; 20]), ScrapeStats::default()),
+                        (InfoHash([1; 20]), counts(0, 1, 0))
+                    ]
+                }
+            )]
         );
+    }
+
+    /// Liveness the test sets: connections listed are silent that long; others are live.
+    #[derive(Default)]
+    struct Quiet(std::cell::RefCell<Vec<(ConnId, Duration)>>);
+
+    impl Liveness for Quiet {
+        fn quiet_for(&self, conn: ConnId, _now: Instant) -> Duration {
+            self.0
+                .borrow()
+                .iter()
+                .find(|(c, _)| *c == conn)
+                .map_or(Duration::ZERO, |(_, d)| *d)
+        }
+    }
+
+    fn announce_as(peer: u8, event: AnnounceEvent, replaces: Option<u8>) -> Request {
+        let Request::Announce(mut a) = announce(peer, event, false, 0) else {
+            unreachable!()
+        };
+        a.replaces = replaces.map(|r| PeerId([r; 20]));
+        Request::Announce(a)
+    }
+
+    #[test]
+    fn a_new_peer_id_from_the_same_connection_replaces_the_old_one() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        s.h(
+            now,
+            conn(1),
+            announce_as(1, AnnounceEvent::Started, None),
+            &mut out,
+        );
+        s.h(
+            now,
+            conn(2),
+            announce_as(2, AnnounceEvent::Started, None),
+            &mut out,
+        );
+        // Connection 1 comes back into the swarm as peer 3: peer 1 leaves.
+        s.h(
+            now,
+            conn(1),
+            announce_as(3, AnnounceEvent::Started, Some(1)),
+            &mut out,
+        );
+        assert_eq!(s.peer_count(), 2);
+        assert_eq!(s.owner(&InfoHash([1; 20]), &PeerId([1; 20])), None);
+        assert_eq!(s.owner(&InfoHash([1; 20]), &PeerId([3; 20])), Some(conn(1)));
+        // Naming another connection's peer as replaced removes nobody.
+        s.h(
+            now,
+            conn(1),
+            announce_as(4, AnnounceEvent::Started, Some(2)),
+            &mut out,
+        );
+        assert_eq!(s.owner(&InfoHash([1; 20]), &PeerId([2; 20])), Some(conn(2)));
+        assert_eq!(s.counters().replaced, 1);
+        // A hundred fresh ids from one connection leave one peer, not a hundred.
+        for p in 10..110u8 {
+            s.h(
+                now,
+                conn(7),
+                announce_as(p, AnnounceEvent::None, Some(p - 1)),
+                &mut out,
+            );
+        }
+        let held: Vec<_> = (10..110u8)
+            .filter(|p| s.owner(&InfoHash([1; 20]), &PeerId([*p; 20])).is_some())
+            .collect();
+        assert_eq!(held, [109]);
+    }
+
+    #[test]
+    fn a_silent_owners_peer_id_passes_to_a_new_connection_but_a_live_owner_keeps_it() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let quiet = Quiet::default();
+        s.handle(
+            now,
+            conn(1),
+            announce_as(1, AnnounceEvent::Completed, None),
+            &quiet,
+            &mut out,
+        );
+        out.clear();
+        // Live (heard 29 s ago, grace 30 s): the claim is refused.
+        quiet
+            .0
+            .borrow_mut()
+            .push((conn(1), Duration::from_secs(29)));
+        s.handle(
+            now,
+            conn(2),
+            announce_as(1, AnnounceEvent::Started, None),
+            &quiet,
+            &mut out,
+        );
+        assert_eq!(
+            frames_for(&out, conn(2)),
+            ["error peer_id is in use by another connection"]
+        );
+        assert_eq!(s.owner(&InfoHash([1; 20]), &PeerId([1; 20])), Some(conn(1)));
+        // Silent past the grace: the new connection takes the id, the counts stay.
+        quiet.0.borrow_mut()[0].1 = Duration::from_secs(31);
+        out.clear();
+        s.handle(
+            now,
+            conn(2),
+            announce_as(1, AnnounceEvent::None, None),
+            &quiet,
+            &mut out,
+        );
+        assert_eq!(frames_for(&out, conn(2)), ["announce 0/1"]);
+        assert_eq!(s.owner(&InfoHash([1; 20]), &PeerId([1; 20])), Some(conn(2)));
+        assert_eq!(s.counters().takeovers, 1);
+        assert_eq!(stats(&mut s, now).downloaded, 1, "no new download counted");
+        // The old connection's close, arriving late, evicts nobody.
+        s.h(
+            now,
+            conn(1),
+            Request::Closed {
+                peers: vec![(InfoHash([1; 20]), PeerId([1; 20]))],
+            },
+            &mut out,
+        );
+        assert_eq!(s.peer_count(), 1);
+        // A closed owner (its close notice lost or late) is gone at once.
+        quiet.0.borrow_mut().push((conn(2), Duration::MAX));
+        s.handle(
+            now,
+            conn(3),
+            announce_as(1, AnnounceEvent::None, None),
+            &quiet,
+            &mut out,
+        );
+        assert_eq!(s.owner(&InfoHash([1; 20]), &PeerId([1; 20])), Some(conn(3)));
+    }
+
+    #[test]
+    fn an_announce_that_overtook_its_connections_close_joins_nothing() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let quiet = Quiet::default();
+        quiet.0.borrow_mut().push((conn(1), Duration::MAX));
+        s.handle(
+            now,
+            conn(1),
+            announce_as(1, AnnounceEvent::Started, None),
+            &quiet,
+            &mut out,
+        );
+        assert_eq!(s.peer_count(), 0);
+        assert!(out.is_empty(), "nobody to reply to");
     }
 
     #[test]
@@ -889,7 +1142,7 @@ mod tests {
         if let Request::Announce(a) = &mut other {
             a.info_hash = InfoHash([2; 20]);
         }
-        s.handle(now, conn(9), other, &mut out);
+        s.h(now, conn(9), other, &mut out);
         assert_eq!(s.totals(), (2, 1, 3), "(swarms, seeders, leechers)");
         let top = s.top_swarms(1);
         assert_eq!(top, vec![(InfoHash([1; 20]), counts(1, 2, 0))]);

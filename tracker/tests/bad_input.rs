@@ -136,7 +136,7 @@ async fn swarms_per_connection_are_bounded() {
         .await;
     assert_eq!(
         r["failure reason"],
-        "too many swarms on one connection (limit 3)"
+        "too many swarms on one connection (limit 3); send `stopped` for torrents you removed"
     );
     // Re-announcing to a joined swarm is fine.
     assert!(

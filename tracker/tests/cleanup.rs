@@ -22,7 +22,10 @@ async fn eventually(c: &mut Client, h: &str, pred: impl Fn(&Value) -> bool) -> V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_connection_leaves_every_swarm_it_joined() {
-    let tracker = start(config(2, 3));
+    let mut cfg = config_with_metrics();
+    cfg.workers.socket_workers = 2;
+    cfg.workers.swarm_workers = 3;
+    let tracker = start(cfg);
     let mut leaver = Client::connect(&tracker.url()).await;
     let mut watcher = Client::connect(&tracker.url()).await;
     let hashes: Vec<String> = (0..6).map(|i| num_id(b'h', i)).collect();
@@ -43,12 +46,19 @@ async fn a_closed_connection_leaves_every_swarm_it_joined() {
         watcher.scrape(json!(hashes[0])).await["files"][&hashes[0]]["incomplete"],
         json!(1)
     );
-    let all = watcher.scrape(Value::Null).await;
-    assert_eq!(
-        all["files"].as_object().expect("files").len(),
-        1,
-        "empty swarms freed"
-    );
+    // Empty swarms are freed: only the watcher's is left.
+    let mut swarms = 0;
+    for _ in 0..100 {
+        let (_, _, text) = http_get(&tracker, "/metrics");
+        swarms = (0..3)
+            .map(|s| sample(&text, &format!("tidepool_swarms{{shard=\"{s}\"}}")))
+            .sum::<u64>();
+        if swarms == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(swarms, 1, "empty swarms freed");
     tracker.shutdown();
 }
 

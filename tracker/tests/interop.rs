@@ -71,19 +71,47 @@ fn run(mut cmd: Command, limit: Duration) -> (bool, String) {
     }
 }
 
+/// Runs `attempt`; if it fails, logs why and runs it once more. WebRTC setup between Node
+/// processes on a cold, busy 2-core machine can miss its window once (a first run after
+/// install loads native modules while ICE gathers); a second failure is a real one.
+fn retry_once(what: &str, mut attempt: impl FnMut() -> (bool, String)) -> (bool, String) {
+    let (ok, text) = attempt();
+    if ok {
+        return (ok, text);
+    }
+    eprintln!("{what}: first attempt failed, retrying once. Its output:\n{text}");
+    attempt()
+}
+
+/// A copy of `cmd` (program, arguments, directory), to run again.
+fn clone(cmd: &Command) -> Command {
+    let mut copy = Command::new(cmd.get_program());
+    copy.args(cmd.get_args());
+    if let Some(dir) = cmd.get_current_dir() {
+        copy.current_dir(dir);
+    }
+    copy
+}
+
 /// Runs interop/record.mjs against `tracker` (or the npm reference server when `None`).
 fn record(tracker: Option<&str>, out: &std::path::Path) -> Vec<Value> {
+    record_with(tracker, out, true)
+}
+
+/// As [`record`]; with `separate` false the two clients share one WebSocket, as two npm
+/// clients in one process do (two peer ids of one swarm on one connection).
+fn record_with(tracker: Option<&str>, out: &std::path::Path, separate: bool) -> Vec<Value> {
     let dir = interop_dir();
     let mut cmd = Command::new("node");
-    cmd.arg(dir.join("record.mjs"))
-        .arg("--separate-sockets")
-        .arg("--out")
-        .arg(out);
+    cmd.arg(dir.join("record.mjs")).arg("--out").arg(out);
+    if separate {
+        cmd.arg("--separate-sockets");
+    }
     if let Some(url) = tracker {
         cmd.arg("--tracker").arg(url);
     }
-    let (ok, text) = run(cmd, Duration::from_secs(90));
-    assert!(ok, "record.mjs failed: {text}");
+    let (ok, text) = retry_once("record.mjs", || run(clone(&cmd), Duration::from_secs(90)));
+    assert!(ok, "record.mjs failed twice; the second time: {text}");
     std::fs::read_to_string(out)
         .expect("recording written")
         .split('\n')
@@ -147,12 +175,40 @@ fn npm_clients_open_a_real_data_channel_through_tidepool() {
 }
 
 #[test]
+fn npm_clients_of_one_process_sharing_a_socket_connect_through_tidepool() {
+    let _serial = serial();
+    let tracker = start(config(1, 1));
+    let dir = temp_dir("interop-shared");
+    let lines = record_with(Some(&tracker.url()), &dir.join("ours.jsonl"), false);
+    assert_eq!(
+        lines[0]["meta"]["data_channels_opened"], 2,
+        "two peer ids on one socket in one swarm are two peers"
+    );
+    let connections: std::collections::HashSet<u64> = lines[1..]
+        .iter()
+        .filter(|l| l["stage"] == "start_b")
+        .filter_map(|l| l["conn"].as_u64())
+        .collect();
+    assert_eq!(connections.len(), 1, "both clients rode one connection");
+    tracker.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn same_scenario_same_replies_as_the_npm_reference_server() {
     let _serial = serial();
     let tracker = start(config(2, 2));
     let dir = temp_dir("differential");
-    let ours = summary(&record(Some(&tracker.url()), &dir.join("ours.jsonl")));
-    let reference = summary(&record(None, &dir.join("reference.jsonl")));
+    let mut ours = summary(&record(Some(&tracker.url()), &dir.join("ours.jsonl")));
+    let mut reference = summary(&record(None, &dir.join("reference.jsonl")));
+    // One difference by design: a scrape of every swarm is off by default here (a costly
+    // request any client can send; no npm client sends it: its scrapes name info hashes).
+    let all = |v: &mut Vec<String>| {
+        let pos = v.iter().position(|s| s.starts_with("scrape_all: "));
+        pos.map(|p| v.remove(p))
+    };
+    assert_eq!(all(&mut ours).as_deref(), Some("scrape_all: failure"));
+    assert!(all(&mut reference).is_some_and(|s| s.starts_with("scrape_all: scrape")));
     assert_eq!(
         ours, reference,
         "\nours: {ours:#?}\nreference: {reference:#?}"
@@ -227,8 +283,10 @@ fn webtorrent_processes_move_a_file_by_magnet_through_tidepool() {
             "--out",
         ])
         .arg(&out_dir);
-    let (ok, text) = run(fetch, Duration::from_secs(60));
-    assert!(ok, "fetch failed: {text}");
+    let (ok, text) = retry_once("webtorrent fetch", || {
+        run(clone(&fetch), Duration::from_secs(60))
+    });
+    assert!(ok, "fetch failed twice; the second time: {text}");
     assert!(text.contains("DONE"), "{text}");
     let fetched = std::fs::read(out_dir.join("payload.bin")).expect("fetched file");
     assert!(

@@ -1,0 +1,502 @@
+//! One client connection's state: its WebSocket (mid-handshake or open), its rate bucket,
+//! the swarms it holds a peer in, its pending scrapes, and reading one frame at a time.
+
+use std::io;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use tidepool_protocol::tracker::{AnnounceEvent, ScrapeResponse, ScrapeStats};
+use tidepool_protocol::{InfoHash, PeerId};
+use tungstenite::handshake::MidHandshake;
+use tungstenite::handshake::server::ServerHandshake;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, Utf8Bytes, WebSocket};
+
+use super::stream::{Forwarded, ForwardedHeaders, Stream};
+use crate::metrics::CloseReason;
+use crate::swarm::ConnId;
+
+pub(super) enum State {
+    Handshaking(Box<MidHandshake<ServerHandshake<Stream, ForwardedHeaders>>>),
+    Open(Box<WebSocket<Stream>>),
+    /// Transitional: taken out while being advanced.
+    Gone,
+}
+
+pub(super) struct Connection {
+    pub(super) id: ConnId,
+    pub(super) state: State,
+    /// The client: the socket's peer, or the address a trusted proxy forwarded.
+    pub(super) addr: IpAddr,
+    /// The address counted against `max_connections_per_ip` (None until counted).
+    pub(super) counted: Option<IpAddr>,
+    /// Headers captured from a trusted proxy's upgrade request.
+    pub(super) forwarded: Option<Forwarded>,
+    pub(super) opened: Instant,
+    /// The last frame of any kind (pongs included) from the client.
+    pub(super) last_frame: Instant,
+    pub(super) ping_sent: bool,
+    pub(super) bucket: TokenBucket,
+    pub(super) swarms: Memberships,
+    /// Scrapes split across swarm workers, waiting for their parts (at most
+    /// `MAX_PENDING_SCRAPES`, each failed after the reply timeout).
+    pub(super) scrapes: Vec<PendingScrape>,
+    pub(super) last_full_scrape: Option<Instant>,
+    /// Frames were queued since the last flush; the slot is in the loop's dirty list.
+    pub(super) dirty: bool,
+}
+
+/// What reading the next frame gave.
+pub(super) enum Incoming {
+    /// Nothing more to read now.
+    Idle,
+    /// A text message for the tracker.
+    Text(Utf8Bytes),
+    /// A binary message (echo mode only; otherwise the connection is closed).
+    Binary(tungstenite::Bytes),
+    /// A control frame, handled by tungstenite (its reply is queued for the next flush).
+    Control,
+}
+
+impl Connection {
+    pub(super) fn ws(&mut self) -> Option<&mut WebSocket<Stream>> {
+        match &mut self.state {
+            State::Open(ws) => Some(ws),
+            _ => None,
+        }
+    }
+
+    /// Queues a close frame and tries to send it.
+    pub(super) fn close_with(&mut self, code: CloseCode, reason: &'static str) {
+        if let Some(ws) = self.ws() {
+            let _ = ws.close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }));
+            let _ = ws.flush();
+        }
+    }
+
+    /// Reads the next frame. Errors say why the connection must close (after telling the
+    /// client where the protocol allows).
+    pub(super) fn read(&mut self, echo: bool, now: Instant) -> Result<Incoming, CloseReason> {
+        let Some(ws) = self.ws() else {
+            return Ok(Incoming::Idle);
+        };
+        let msg = match ws.read() {
+            Ok(msg) => msg,
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(Incoming::Idle);
+            }
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                return Err(CloseReason::Peer);
+            }
+            Err(tungstenite::Error::Capacity(e)) => {
+                tracing::debug!("message over limit: {e}");
+                self.close_with(CloseCode::Size, "message too large");
+                return Err(CloseReason::TooLarge);
+            }
+            Err(tungstenite::Error::Io(e)) => {
+                tracing::debug!("read failed: {e}");
+                return Err(CloseReason::Io);
+            }
+            Err(e) => {
+                // Framing, masking, UTF-8 or close-code violations: tell the client why
+                // (RFC 6455 §7.4.1: 1007 for bad UTF-8, 1002 otherwise), then drop.
+                tracing::debug!("protocol violation: {e}");
+                let (code, reason) = match e {
+                    tungstenite::Error::Utf8(_) => (CloseCode::Invalid, "invalid UTF-8"),
+                    _ => (CloseCode::Protocol, "WebSocket protocol violation"),
+                };
+                self.close_with(code, reason);
+                return Err(CloseReason::Protocol);
+            }
+        };
+        self.last_frame = now;
+        self.ping_sent = false;
+        Ok(match msg {
+            Message::Text(text) => Incoming::Text(text),
+            Message::Binary(data) if echo => Incoming::Binary(data),
+            Message::Binary(_) => {
+                // Refused before any JSON parsing: the protocol is text only.
+                self.close_with(CloseCode::Unsupported, "binary frames are not supported");
+                return Err(CloseReason::Binary);
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
+                Incoming::Control
+            }
+        })
+    }
+}
+
+/// Text frames a connection may send: `rate` per second on average, `burst` at once.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TokenBucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    pub(super) fn full(burst: u32, now: Instant) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            at: now,
+        }
+    }
+
+    /// Takes a token; false when none is left (`rate` 0 = no limit).
+    pub(super) fn take(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let refill = now.duration_since(self.at).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The swarms a connection holds peers in, as the socket worker sees them: at most
+/// `max_ids` peer ids per swarm (a new one past that replaces the connection's least
+/// recently announced one there), dropped on `stopped` and after the peer timeout. The swarm
+/// worker drops a peer at the same time or later, never earlier: it stamps its peers when it
+/// handles the announce, after this record was stamped. A peer the swarm worker refused (its
+/// id owned by another live connection) stays recorded until `stopped` or the timeout: that
+/// only spends the refused client's own allowance.
+#[derive(Debug)]
+pub(super) struct Memberships {
+    held: AHashMap<InfoHash, Vec<Held>>,
+    /// When expired records were last pruned (at most once a second, when at the limit).
+    pruned_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    peer_id: PeerId,
+    last_seen: Instant,
+}
+
+/// What an announce changed in [`Memberships`], so a request the swarm worker never got
+/// (its inbox was full) can be undone.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Change {
+    /// Nothing recorded changed (or only a timestamp).
+    None,
+    /// A new swarm was joined.
+    Joined,
+    /// Another peer id was added in a swarm already joined.
+    Added,
+    /// The peer id replaced this one (last seen then) in the swarm.
+    Replaced(PeerId, Instant),
+    /// The peer left with `stopped` (when it was last seen before).
+    Left(Instant),
+}
+
+/// Limits a connection's announces meet.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MembershipLimits {
+    /// Most swarms held at once.
+    pub(super) max_swarms: usize,
+    /// Most peer ids in one swarm.
+    pub(super) max_ids: usize,
+    /// Records silent this long are dropped (the swarm workers' peer timeout).
+    pub(super) timeout: Duration,
+}
+
+/// An announce the connection may not make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TooManySwarms;
+
+impl Memberships {
+    pub(super) fn new(now: Instant) -> Self {
+        Self {
+            held: AHashMap::new(),
+            pruned_at: now,
+        }
+    }
+
+    /// Swarms held now (records past the timeout may linger until the next prune).
+    pub(super) fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Records an announce (`answer` = it carries an answer, which joins nothing).
+    pub(super) fn announce(
+        &mut self,
+        info_hash: InfoHash,
+        peer_id: PeerId,
+        event: AnnounceEvent,
+        answer: bool,
+        now: Instant,
+        limits: MembershipLimits,
+    ) -> Result<Change, TooManySwarms> {
+        if let Some(peers) = self.held.get_mut(&info_hash) {
+            if let Some(pos) = peers.iter().position(|h| h.peer_id == peer_id) {
+                if event == AnnounceEvent::Stopped && !answer {
+                    let before = peers.swap_remove(pos).last_seen;
+                    if peers.is_empty() {
+                        self.held.remove(&info_hash);
+                    }
+                    return Ok(Change::Left(before));
+                }
+                peers[pos].last_seen = now;
+                return Ok(Change::None);
+            }
+            if answer || event == AnnounceEvent::Stopped {
+                return Ok(Change::None);
+            }
+            let new = Held {
+                peer_id,
+                last_seen: now,
+            };
+            if peers.len() < limits.max_ids {
+                peers.push(new);
+                return Ok(Change::Added);
+            }
+            let Some(oldest) = peers.iter_mut().min_by_key(|h| h.last_seen) else {
+                return Ok(Change::None);
+            };
+            let old = std::mem::replace(oldest, new);
+            return Ok(Change::Replaced(old.peer_id, old.last_seen));
+        }
+        if answer || event == AnnounceEvent::Stopped {
+            return Ok(Change::None);
+        }
+        if self.held.len() >= limits.max_swarms {
+            self.prune(now, limits.timeout);
+            if self.held.len() >= limits.max_swarms {
+                return Err(TooManySwarms);
+            }
+        }
+        self.held.insert(
+            info_hash,
+            vec![Held {
+                peer_id,
+                last_seen: now,
+            }],
+        );
+        Ok(Change::Joined)
+    }
+
+    /// Reverts what [`Memberships::announce`] recorded for `peer_id`.
+    pub(super) fn undo(&mut self, info_hash: InfoHash, peer_id: PeerId, change: Change) {
+        let peers = self.held.entry(info_hash).or_default();
+        match change {
+            Change::None => {}
+            Change::Joined | Change::Added => peers.retain(|h| h.peer_id != peer_id),
+            Change::Replaced(old, last_seen) => {
+                if let Some(h) = peers.iter_mut().find(|h| h.peer_id == peer_id) {
+                    *h = Held {
+                        peer_id: old,
+                        last_seen,
+                    };
+                }
+            }
+            Change::Left(last_seen) => peers.push(Held { peer_id, last_seen }),
+        }
+        if peers.is_empty() {
+            self.held.remove(&info_hash);
+        }
+    }
+
+    /// Drops records silent past `timeout` (their peers have timed out in the swarms), at
+    /// most once a second.
+    pub(super) fn prune(&mut self, now: Instant, timeout: Duration) {
+        if now.saturating_duration_since(self.pruned_at) < Duration::from_secs(1) {
+            return;
+        }
+        self.pruned_at = now;
+        self.held.retain(|_, peers| {
+            peers.retain(|h| now.saturating_duration_since(h.last_seen) <= timeout);
+            !peers.is_empty()
+        });
+    }
+
+    /// Every (swarm, peer id) held, for the close notice.
+    pub(super) fn into_pairs(self) -> impl Iterator<Item = (InfoHash, PeerId)> {
+        self.held
+            .into_iter()
+            .flat_map(|(h, peers)| peers.into_iter().map(move |p| (h, p.peer_id)))
+    }
+}
+
+/// Most scrapes one connection may have waiting for swarm workers at once: enough for a
+/// client that pipelines its scrapes; at most ~32 × 64 hashes × 68 bytes ≈ 140 KiB held for
+/// one connection (the default `max_scrape_hashes`).
+pub(super) const MAX_PENDING_SCRAPES: usize = 32;
+
+/// A scrape split across swarm workers, waiting for every part.
+pub(super) struct PendingScrape {
+    pub(super) request_id: u64,
+    pub(super) parts_left: usize,
+    pub(super) files: Vec<(InfoHash, ScrapeStats)>,
+    /// Requested order, so the reply lists swarms as asked.
+    pub(super) requested: Vec<InfoHash>,
+    /// Answered with a failure if the parts are not all in by then.
+    pub(super) deadline: Instant,
+}
+
+/// What a scrape part completed.
+pub(super) enum Merged {
+    /// Other parts are still out.
+    Waiting,
+    /// The last part: the encoded reply.
+    Done(String),
+    /// No scrape of this connection waits for it any more.
+    Unknown,
+}
+
+impl Connection {
+    /// Adds a swarm worker's part to a pending scrape.
+    pub(super) fn merge_scrape(
+        &mut self,
+        request_id: u64,
+        files: Vec<(InfoHash, ScrapeStats)>,
+    ) -> Merged {
+        let Some(pos) = self.scrapes.iter().position(|p| p.request_id == request_id) else {
+            return Merged::Unknown;
+        };
+        let pending = &mut self.scrapes[pos];
+        pending.files.extend(files);
+        pending.parts_left = pending.parts_left.saturating_sub(1);
+        if pending.parts_left > 0 {
+            return Merged::Waiting;
+        }
+        let pending = self.scrapes.swap_remove(pos);
+        // Answer in the order asked, duplicates removed, as the reference server does.
+        let by_hash: AHashMap<InfoHash, ScrapeStats> = pending.files.into_iter().collect();
+        let mut files: Vec<(InfoHash, ScrapeStats)> = pending
+            .requested
+            .iter()
+            .map(|h| (*h, by_hash.get(h).copied().unwrap_or_default()))
+            .collect();
+        files.dedup_by_key(|(h, _)| *h);
+        let mut out = Vec::new();
+        ScrapeResponse {
+            files,
+            min_request_interval: None,
+        }
+        .encode(&mut out);
+        Merged::Done(String::from_utf8(out).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: MembershipLimits = MembershipLimits {
+        max_swarms: 3,
+        max_ids: 2,
+        timeout: Duration::from_secs(300),
+    };
+
+    fn say(
+        m: &mut Memberships,
+        h: u8,
+        p: u8,
+        event: AnnounceEvent,
+        now: Instant,
+    ) -> Result<Change, TooManySwarms> {
+        m.announce(
+            InfoHash([h; 20]),
+            PeerId([p; 20]),
+            event,
+            false,
+            now,
+            LIMITS,
+        )
+    }
+
+    fn pairs(m: Memberships) -> Vec<(u8, u8)> {
+        let mut v: Vec<_> = m.into_pairs().map(|(h, p)| (h.0[0], p.0[0])).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn the_bound_counts_swarms_held_now_not_ever() {
+        let t0 = Instant::now();
+        let mut m = Memberships::new(t0);
+        for round in 0..80u8 {
+            // Join three, leave three: a long life of adding and removing torrents.
+            for h in 0..3 {
+                let joined = say(&mut m, round * 3 + h, 1, AnnounceEvent::Started, t0);
+                assert!(matches!(joined, Ok(Change::Joined)));
+            }
+            assert_eq!(
+                say(&mut m, 255, 1, AnnounceEvent::Started, t0).err(),
+                Some(TooManySwarms)
+            );
+            for h in 0..3 {
+                let left = say(&mut m, round * 3 + h, 1, AnnounceEvent::Stopped, t0);
+                assert!(matches!(left, Ok(Change::Left(_))));
+            }
+            assert_eq!(m.len(), 0);
+        }
+    }
+
+    #[test]
+    fn peer_ids_per_swarm_are_bounded_and_the_least_recent_is_replaced() {
+        let t0 = Instant::now();
+        let t = |s: u64| t0 + Duration::from_secs(s);
+        let mut m = Memberships::new(t0);
+        say(&mut m, 1, 1, AnnounceEvent::Started, t(0)).expect("room");
+        assert!(matches!(
+            say(&mut m, 1, 2, AnnounceEvent::Started, t(1)),
+            Ok(Change::Added)
+        ));
+        say(&mut m, 1, 1, AnnounceEvent::None, t(2)).expect("refresh");
+        // Peer 2 was announced least recently: peer 3 takes its place.
+        let r = say(&mut m, 1, 3, AnnounceEvent::Started, t(3));
+        assert!(
+            matches!(r, Ok(Change::Replaced(PeerId([2, ..]), _))),
+            "{r:?}"
+        );
+        // A stop for an id the connection no longer holds there changes nothing.
+        assert!(matches!(
+            say(&mut m, 1, 2, AnnounceEvent::Stopped, t(4)),
+            Ok(Change::None)
+        ));
+        assert_eq!(pairs(m), [(1, 1), (1, 3)]);
+    }
+
+    #[test]
+    fn silent_records_expire() {
+        let t0 = Instant::now();
+        let mut m = Memberships::new(t0);
+        for h in 0..3 {
+            say(&mut m, h, 1, AnnounceEvent::Started, t0).expect("room");
+        }
+        say(&mut m, 0, 1, AnnounceEvent::None, t0 + LIMITS.timeout).expect("refreshed");
+        let later = t0 + LIMITS.timeout + Duration::from_secs(2);
+        assert!(matches!(
+            say(&mut m, 9, 1, AnnounceEvent::Started, later),
+            Ok(Change::Joined)
+        ));
+        assert_eq!(pairs(m), [(0, 1), (9, 1)], "the two silent records expired");
+    }
+
+    #[test]
+    fn undo_restores_what_an_unsent_announce_changed() {
+        let t0 = Instant::now();
+        let mut m = Memberships::new(t0);
+        let c = say(&mut m, 1, 1, AnnounceEvent::Started, t0).expect("room");
+        m.undo(InfoHash([1; 20]), PeerId([1; 20]), c);
+        assert_eq!(m.len(), 0);
+        say(&mut m, 1, 1, AnnounceEvent::Started, t0).expect("room");
+        say(&mut m, 1, 2, AnnounceEvent::Started, t0).expect("room");
+        let c = say(&mut m, 1, 3, AnnounceEvent::Started, t0).expect("replace");
+        m.undo(InfoHash([1; 20]), PeerId([3; 20]), c);
+        let c = say(&mut m, 1, 2, AnnounceEvent::Stopped, t0).expect("stop");
+        m.undo(InfoHash([1; 20]), PeerId([2; 20]), c);
+        assert_eq!(pairs(m), [(1, 1), (1, 2)]);
+    }
+}

@@ -1,0 +1,562 @@
+//! The socket worker: one mio event loop owning its connections. This file is the loop —
+//! accept, readiness, delivering the swarm workers' replies, timeouts, closing. One
+//! connection's state lives in `connection`, the stream under it in `stream`, decoding and
+//! forwarding requests in `requests`, and the batched write path in `write`.
+//!
+//! One turn of the loop: poll; read from every ready connection (at most `FRAMES_PER_TURN`
+//! frames each); deliver at most `DELIVER_PER_TURN` replies from the swarm workers; flush
+//! every connection that has output queued, once; sweep timeouts every tick. Every step is
+//! bounded, so accepts and reads are never starved by a flood on one side.
+
+mod connection;
+mod requests;
+mod stream;
+mod write;
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use tidepool_protocol::tracker::{Action, Decoder, Limits};
+use tidepool_protocol::{InfoHash, PeerId};
+use tungstenite::handshake::HandshakeError;
+use tungstenite::handshake::server::ServerHandshake;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::access::AccessView;
+use crate::channel::Rx;
+use crate::metrics::{CloseReason, ErrorKind, OutKind, RefuseReason, SocketMetrics, bump};
+use crate::proxy::{forwarded_client, is_trusted};
+use crate::server::{Shared, SwarmLanes};
+use crate::swarm::{ConnId, FrameKind, Output, Request};
+use connection::{Connection, Memberships, Merged, State, TokenBucket};
+pub(crate) use stream::Stream;
+use stream::{Forwarded, ForwardedHeaders};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+pub(crate) const WAKER: Token = Token(usize::MAX - 2);
+/// Frames read from one connection per loop turn, so a flooding client cannot starve the
+/// others on its worker; the rest are read on the next turn.
+const FRAMES_PER_TURN: usize = 64;
+/// Replies taken from the swarm workers per loop turn; the rest wait one turn, so a burst
+/// of fan-out cannot hold off accepts and reads.
+const DELIVER_PER_TURN: usize = 4096;
+/// Bytes buffered per connection before tungstenite writes mid-turn; below this, a turn's
+/// frames go out in one write at the end of the turn.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+/// The swarm worker that owns `info_hash`. Info hashes are hashes already, so their first
+/// bytes spread swarms evenly.
+pub(crate) fn shard_of(info_hash: &InfoHash, shards: usize) -> usize {
+    let h = u32::from_le_bytes([
+        info_hash.0[0],
+        info_hash.0[1],
+        info_hash.0[2],
+        info_hash.0[3],
+    ]);
+    h as usize % shards
+}
+
+/// What a socket worker thread is started with.
+pub(crate) struct SocketWorker {
+    pub(crate) index: u16,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) poll: Poll,
+    pub(crate) listener: TcpListener,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// One entry per swarm worker: its request inbox and its close-notice lane.
+    pub(crate) to_swarms: Vec<SwarmLanes>,
+    pub(crate) from_swarms: Rx<(ConnId, Output)>,
+    /// Echo text and binary messages back instead of speaking the tracker protocol: the
+    /// Autobahn conformance harness drives the same connection code through this.
+    pub(crate) echo: bool,
+    // Kept alive for the loop's lifetime; swarm workers hold clones to wake this loop.
+    pub(crate) _waker: Arc<Waker>,
+}
+
+impl SocketWorker {
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        self.poll
+            .registry()
+            .register(&mut self.listener, LISTENER, Interest::READABLE)?;
+        let p = &self.shared.config.protocol;
+        let decoder = Decoder::new(Limits {
+            max_offers: p.max_offers,
+            max_scrape_hashes: p.max_scrape_hashes,
+            ..Limits::default()
+        });
+        let n = &self.shared.config.network;
+        let access = AccessView::new(&self.shared.access);
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(n.read_buffer_size)
+            .write_buffer_size(WRITE_BATCH_BYTES.min(n.max_outgoing_queue / 2))
+            .max_write_buffer_size(n.max_outgoing_queue)
+            .max_message_size(Some(n.max_message_size))
+            .max_frame_size(Some(n.max_frame_size));
+        EventLoop {
+            worker: self,
+            conns: Slab::new(),
+            next_serial: 0,
+            next_request_id: 0,
+            decoder,
+            ws_config,
+            access,
+            again: Vec::new(),
+            dirty: Vec::new(),
+            inbox_pending: false,
+            next_prune: Instant::now(),
+        }
+        .run()
+    }
+}
+
+/// The running loop of one socket worker.
+struct EventLoop {
+    worker: SocketWorker,
+    conns: Slab<Connection>,
+    next_serial: u64,
+    next_request_id: u64,
+    decoder: Decoder,
+    ws_config: WebSocketConfig,
+    access: AccessView,
+    /// Connections that hit `FRAMES_PER_TURN` and may have more input buffered. Edge-triggered
+    /// polling will not report them again, so the loop revisits them itself.
+    again: Vec<usize>,
+    /// Connections with frames queued this turn, flushed once at its end.
+    dirty: Vec<usize>,
+    /// The swarm workers' replies were not all taken last turn.
+    inbox_pending: bool,
+    /// When the connections' expired swarm records are next pruned.
+    next_prune: Instant,
+}
+
+impl EventLoop {
+    fn metrics(&self) -> &SocketMetrics {
+        &self.worker.shared.metrics.sockets[self.worker.index as usize]
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let tick =
+            Duration::from_millis(250).min(self.worker.shared.config.handshake_timeout() / 2);
+        let mut next_sweep = Instant::now() + tick;
+        while !self.worker.shared.shutting_down() {
+            let timeout = if self.again.is_empty() && !self.inbox_pending {
+                next_sweep.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.worker.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            // After the wait, so frames that arrive after a reload meet the new list.
+            self.access.refresh(&self.worker.shared.access);
+            let now = Instant::now();
+            for slot in std::mem::take(&mut self.again) {
+                self.advance(slot, now);
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(slot) => self.advance(slot, now),
+                }
+            }
+            self.deliver_from_swarms();
+            let now = Instant::now();
+            if now >= next_sweep {
+                self.sweep(now);
+                next_sweep = now + tick;
+            }
+            self.flush_dirty();
+        }
+        let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
+        for slot in slots {
+            if let Some(conn) = self.conns.get_mut(slot) {
+                conn.close_with(CloseCode::Away, "tracker shutting down");
+            }
+            self.close(slot, CloseReason::Shutdown);
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let (mut tcp, addr) = match self.worker.listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(worker = self.worker.index, "accept failed: {e}");
+                    return;
+                }
+            };
+            let shared = self.worker.shared.clone();
+            if self.conns.len() >= shared.config.network.max_connections_per_worker {
+                // Refused before any per-connection allocation: dropping closes the socket.
+                tracing::debug!(%addr, "connection limit reached; refusing");
+                bump(
+                    &self.metrics().refused[RefuseReason::MaxConnections as usize],
+                    1,
+                );
+                continue;
+            }
+            let ip = addr.ip().to_canonical();
+            let via_proxy = is_trusted(&shared.config.network.trusted_proxies, ip);
+            // A proxy's connections are counted against the client it names, after the
+            // handshake; everyone else's now, before anything is allocated.
+            let counted = if via_proxy {
+                None
+            } else if shared.ip_limiter.acquire(ip) {
+                Some(ip)
+            } else {
+                tracing::debug!(%addr, "per-address connection limit reached; refusing");
+                bump(&self.metrics().refused[RefuseReason::PerIp as usize], 1);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let entry = self.conns.vacant_entry();
+            let slot = entry.key();
+            if let Err(e) = self.worker.poll.registry().register(
+                &mut tcp,
+                Token(slot),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!("register failed: {e}");
+                self.release_ip(counted);
+                continue;
+            }
+            let stream = match &self.worker.tls {
+                None => Stream::Plain(tcp),
+                Some(tls) => match rustls::ServerConnection::new(tls.clone()) {
+                    Ok(conn) => Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))),
+                    Err(e) => {
+                        tracing::warn!("TLS session setup failed: {e}");
+                        self.release_ip(counted);
+                        continue;
+                    }
+                },
+            };
+            self.next_serial += 1;
+            let now = Instant::now();
+            let id = ConnId {
+                worker: self.worker.index,
+                slot: slot as u32,
+                serial: self.next_serial,
+            };
+            let forwarded: Option<Forwarded> = via_proxy.then(Default::default);
+            let callback = ForwardedHeaders(forwarded.clone());
+            // Whatever the first read brings is handled by the first readiness event.
+            let state = State::Handshaking(Box::new(ServerHandshake::start(
+                stream,
+                callback,
+                Some(self.ws_config),
+            )));
+            entry.insert(Connection {
+                id,
+                state,
+                addr: ip,
+                counted,
+                forwarded,
+                opened: now,
+                last_frame: now,
+                ping_sent: false,
+                bucket: TokenBucket::full(shared.config.network.message_burst, now),
+                swarms: Memberships::new(now),
+                scrapes: Vec::new(),
+                last_full_scrape: None,
+                dirty: false,
+            });
+            shared.liveness.opened(id, now);
+            let m = self.metrics();
+            bump(&m.accepted, 1);
+            bump(&m.connections, 1);
+            self.advance(slot, now);
+        }
+    }
+
+    fn release_ip(&self, counted: Option<std::net::IpAddr>) {
+        if let Some(ip) = counted {
+            self.worker.shared.ip_limiter.release(ip);
+        }
+    }
+
+    /// Moves a connection forward after a readiness event: handshake, then reads. Whatever
+    /// this queues (replies, pongs, close frames) is written at the end of the turn.
+    fn advance(&mut self, slot: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if let State::Handshaking(_) = conn.state {
+            let State::Handshaking(mid) = std::mem::replace(&mut conn.state, State::Gone) else {
+                return;
+            };
+            let tls_pending = mid.get_ref().get_ref().tls_handshaking();
+            match mid.handshake() {
+                Ok(ws) => {
+                    let tls = matches!(ws.get_ref(), Stream::Tls(_));
+                    conn.state = State::Open(Box::new(ws));
+                    if tls {
+                        bump(&self.metrics().tls_handshakes, 1);
+                    }
+                    if !self.on_open(slot) {
+                        return;
+                    }
+                }
+                Err(HandshakeError::Interrupted(mid)) => {
+                    conn.state = State::Handshaking(Box::new(mid));
+                    return;
+                }
+                Err(HandshakeError::Failure(e)) => {
+                    // An I/O error before TLS finished is a TLS failure (rustls reports bad
+                    // records as I/O errors); HTTP upgrade errors come as other kinds.
+                    tracing::debug!(addr = %conn.addr, "handshake failed: {e}");
+                    if tls_pending && matches!(e, tungstenite::Error::Io(_)) {
+                        bump(&self.metrics().tls_handshake_failures, 1);
+                    }
+                    self.close(slot, CloseReason::HandshakeFailed);
+                    return;
+                }
+            }
+        }
+        if let Err(reason) = self.read_frames(slot, now) {
+            self.close(slot, reason);
+            return;
+        }
+        self.mark_dirty(slot);
+    }
+
+    /// After the upgrade: resolves a proxied client's address and applies the per-address
+    /// limit to it. False if the connection was refused and closed.
+    fn on_open(&mut self, slot: usize) -> bool {
+        let shared = self.worker.shared.clone();
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return false;
+        };
+        let Some(forwarded) = conn.forwarded.take() else {
+            return true;
+        };
+        let headers = forwarded.borrow_mut().take();
+        if let Some((xff, real_ip)) = headers
+            && let Some(client) = forwarded_client(
+                &shared.config.network.trusted_proxies,
+                xff.as_deref(),
+                real_ip.as_deref(),
+            )
+        {
+            conn.addr = client.to_canonical();
+        }
+        if shared.ip_limiter.acquire(conn.addr) {
+            conn.counted = Some(conn.addr);
+            return true;
+        }
+        tracing::debug!(addr = %conn.addr, "per-address connection limit reached; closing");
+        conn.close_with(CloseCode::Policy, "too many connections from your address");
+        bump(&self.metrics().refused[RefuseReason::PerIp as usize], 1);
+        self.close(slot, CloseReason::PerIpLimit);
+        false
+    }
+
+    fn read_frames(&mut self, slot: usize, now: Instant) -> Result<(), CloseReason> {
+        use connection::Incoming;
+        let echo = self.worker.echo;
+        for _ in 0..FRAMES_PER_TURN {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                return Ok(());
+            };
+            let incoming = conn.read(echo, now)?;
+            let id = conn.id;
+            if !matches!(incoming, Incoming::Idle) {
+                self.worker.shared.liveness.heard(id, now);
+            }
+            match incoming {
+                Incoming::Idle => return Ok(()),
+                Incoming::Control => {}
+                Incoming::Text(text) if echo => {
+                    if let Some(ws) = conn.ws() {
+                        let _ = ws.write(tungstenite::Message::Text(text));
+                    }
+                }
+                Incoming::Binary(data) => {
+                    if let Some(ws) = conn.ws() {
+                        let _ = ws.write(tungstenite::Message::Binary(data));
+                    }
+                }
+                Incoming::Text(text) => self.handle_text(slot, text.as_str(), now),
+            }
+        }
+        self.again.push(slot);
+        Ok(())
+    }
+
+    /// Takes at most `DELIVER_PER_TURN` replies from the swarm workers and queues each on
+    /// its connection.
+    fn deliver_from_swarms(&mut self) {
+        let inbox = &self.worker.from_swarms;
+        let m = &self.worker.shared.metrics.sockets[self.worker.index as usize];
+        set_gauge(&m.inbox_depth, inbox.len() as u64);
+        set_gauge(&m.inbox_bytes, inbox.bytes() as u64);
+        self.inbox_pending = false;
+        for _ in 0..DELIVER_PER_TURN {
+            let Ok((id, output)) = self.worker.from_swarms.try_recv() else {
+                return;
+            };
+            let slot = id.slot as usize;
+            if !self.conns.get(slot).is_some_and(|c| c.id == id) {
+                // The connection closed (and its slot may hold a newer one).
+                bump(&self.metrics().replies_orphaned, 1);
+                continue;
+            }
+            match output {
+                Output::Frame(kind, frame) => {
+                    let kind = match kind {
+                        FrameKind::AnnounceResponse => OutKind::Announce,
+                        FrameKind::Offer => OutKind::Offer,
+                        FrameKind::Answer => OutKind::Answer,
+                        FrameKind::Error => {
+                            self.count_error(ErrorKind::PeerIdInUse);
+                            OutKind::Error
+                        }
+                        FrameKind::Denied => {
+                            self.count_error(ErrorKind::AccessDenied);
+                            OutKind::Error
+                        }
+                    };
+                    self.queue(slot, kind, frame);
+                }
+                Output::ScrapePart { request_id, files } => {
+                    let merged = self
+                        .conns
+                        .get_mut(slot)
+                        .map(|c| c.merge_scrape(request_id, files));
+                    match merged {
+                        Some(Merged::Done(frame)) => {
+                            self.queue(slot, OutKind::Scrape, frame);
+                        }
+                        Some(Merged::Waiting) | None => {}
+                        // A part of a scrape already answered (timed out, or another part
+                        // was refused): nobody waits for it.
+                        Some(Merged::Unknown) => bump(&self.metrics().replies_orphaned, 1),
+                    }
+                }
+            }
+        }
+        self.inbox_pending = !self.worker.from_swarms.raw().is_empty();
+    }
+
+    /// Timeouts: unfinished handshakes, pings for quiet connections, idle closes, scrapes
+    /// whose parts did not all come back; and the gauge of swarms held.
+    fn sweep(&mut self, now: Instant) {
+        let config = &self.worker.shared.config;
+        let handshake = config.handshake_timeout();
+        let ping = Duration::from_secs(config.network.ping_interval_secs);
+        let idle = Duration::from_secs(config.network.idle_timeout_secs);
+        let peer_timeout = Duration::from_secs(config.protocol.peer_timeout_secs);
+        let prune = now >= self.next_prune;
+        if prune {
+            self.next_prune = now + Duration::from_secs(10);
+        }
+        let mut to_close = Vec::new();
+        let mut pinged = Vec::new();
+        let mut timed_out = Vec::new();
+        let mut memberships = 0;
+        for (slot, conn) in self.conns.iter_mut() {
+            if prune {
+                conn.swarms.prune(now, peer_timeout);
+            }
+            memberships += conn.swarms.len() as u64;
+            if conn.scrapes.iter().any(|p| now >= p.deadline) {
+                let before = conn.scrapes.len();
+                conn.scrapes.retain(|p| now < p.deadline);
+                timed_out.extend(std::iter::repeat_n(slot, before - conn.scrapes.len()));
+            }
+            match &mut conn.state {
+                State::Handshaking(_) | State::Gone => {
+                    if now.duration_since(conn.opened) > handshake {
+                        to_close.push((slot, CloseReason::HandshakeTimeout));
+                    }
+                }
+                State::Open(ws) => {
+                    let quiet = now.duration_since(conn.last_frame);
+                    if quiet > idle {
+                        to_close.push((slot, CloseReason::Idle));
+                    } else if quiet > ping && !conn.ping_sent {
+                        conn.ping_sent = true;
+                        if ws
+                            .write(tungstenite::Message::Ping(Default::default()))
+                            .is_ok()
+                        {
+                            pinged.push(slot);
+                        }
+                    }
+                }
+            }
+        }
+        set_gauge(&self.metrics().memberships, memberships);
+        for slot in pinged {
+            self.mark_dirty(slot);
+        }
+        for slot in timed_out {
+            self.failure(
+                slot,
+                ErrorKind::ScrapeTimeout,
+                "scrape timed out (the tracker is overloaded); retry later",
+                Action::Scrape,
+                None,
+            );
+        }
+        for (slot, reason) in to_close {
+            self.close(slot, reason);
+        }
+    }
+
+    /// Drops a connection and tells the swarm workers which peers it held, on the lane that
+    /// cannot refuse (one notice per closed connection per swarm worker, so it is bounded by
+    /// the connection limit).
+    fn close(&mut self, slot: usize, reason: CloseReason) {
+        if !self.conns.contains(slot) {
+            return;
+        }
+        let conn = self.conns.remove(slot);
+        let shared = self.worker.shared.clone();
+        shared.liveness.closed(conn.id);
+        let m = &shared.metrics.sockets[self.worker.index as usize];
+        bump(&m.closed[reason as usize], 1);
+        set_gauge(
+            &m.connections,
+            m.connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(1),
+        );
+        if let State::Handshaking(mid) = &conn.state
+            && mid.get_ref().get_ref().tls_handshaking()
+        {
+            // Counted, not logged: scanners and attackers fail TLS handshakes by the thousand.
+            bump(&m.tls_handshake_failures, 1);
+        }
+        self.release_ip(conn.counted);
+        tracing::debug!(worker = self.worker.index, slot, addr = %conn.addr, ?reason, "connection closed");
+        let shards = self.worker.to_swarms.len();
+        let mut per_shard: Vec<Vec<(InfoHash, PeerId)>> = vec![Vec::new(); shards];
+        for (h, p) in conn.swarms.into_pairs() {
+            per_shard[shard_of(&h, shards)].push((h, p));
+        }
+        for (lanes, peers) in self.worker.to_swarms.iter().zip(per_shard) {
+            if !peers.is_empty() {
+                // Fails only when the swarm worker has stopped (shutdown).
+                let _ = lanes.closes.send((conn.id, Request::Closed { peers }));
+            }
+        }
+    }
+}
+
+/// Sets a gauge that only this thread writes.
+fn set_gauge(gauge: &std::sync::atomic::AtomicU64, value: u64) {
+    gauge.store(value, std::sync::atomic::Ordering::Relaxed);
+}
