@@ -20,6 +20,7 @@ import { createRequire } from 'node:module'
 import { Server } from 'bittorrent-tracker'
 import Client from 'bittorrent-tracker/client'
 import WebSocketTracker from 'bittorrent-tracker/websocket-tracker'
+import { installIceSettle } from './ice-settle.mjs'
 
 const require = createRequire(import.meta.url)
 const { WebSocketServer, WebSocket } = require('ws')
@@ -31,14 +32,8 @@ const outFile = arg('--out') || join(here, '..', 'protocol', 'tests', 'golden', 
 const trackerUrl = arg('--tracker')
 const separateSockets = args.includes('--separate-sockets')
 
-// simple-peer waits 5 s for an ICE-gathering-complete event that node-datachannel never
-// fires; the tracker client builds its peers here, so shorten that wait for every peer.
-// (Not much shorter: on a loaded 2-core machine host candidates can take a few hundred ms,
-// and an offer sent before any is gathered can never connect.)
-const createPeer = WebSocketTracker.prototype._createPeer
-WebSocketTracker.prototype._createPeer = function (opts) {
-  return createPeer.call(this, { ...opts, iceCompleteTimeout: 1500 })
-}
+// Offers and answers go out once their host candidates are gathered (see ice-settle.mjs).
+installIceSettle(WebSocketTracker)
 const version = JSON.parse(readFileSync(join(here, 'node_modules', 'bittorrent-tracker', 'package.json'))).version
 const ndcVersion = JSON.parse(readFileSync(join(here, 'node_modules', 'node-datachannel', 'package.json'))).version
 

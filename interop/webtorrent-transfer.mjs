@@ -13,6 +13,7 @@
 import { join } from 'node:path'
 import WebTorrent from 'webtorrent'
 import WebSocketTracker from 'bittorrent-tracker/websocket-tracker'
+import { installIceSettle } from './ice-settle.mjs'
 
 const [role, ...rest] = process.argv.slice(2)
 const arg = name => { const i = rest.indexOf(name); return i >= 0 ? rest[i + 1] : undefined }
@@ -25,11 +26,8 @@ if (!tracker || !['seed', 'fetch'].includes(role)) {
 const deadline = Number(arg('--deadline') ?? 60) * 1000
 setTimeout(() => { console.error(`${role}: deadline passed`); process.exit(1) }, deadline).unref()
 
-// simple-peer waits 5 s for an ICE-gathering event node-datachannel never fires.
-const createPeer = WebSocketTracker.prototype._createPeer
-WebSocketTracker.prototype._createPeer = function (opts) {
-  return createPeer.call(this, { ...opts, iceCompleteTimeout: 1500 })
-}
+// Offers and answers go out once their host candidates are gathered (see ice-settle.mjs).
+installIceSettle(WebSocketTracker)
 
 const client = new WebTorrent({
   dht: false,
