@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 
 /// A message that can say how many bytes it holds.
 pub(crate) trait Weigh {
@@ -75,14 +77,16 @@ impl<T: Weigh> Rx<T> {
         Ok(msg)
     }
 
-    /// The crossbeam receiver, for `select!`; pass what it yields to [`Rx::received`].
-    pub(crate) fn raw(&self) -> &Receiver<T> {
-        &self.inner
+    /// The next message, waiting at most `timeout` for one.
+    pub(crate) fn recv_timeout(&self, timeout: Duration) -> Result<T, RecvTimeoutError> {
+        let msg = self.inner.recv_timeout(timeout)?;
+        self.bytes.fetch_sub(msg.weight(), Ordering::Relaxed);
+        Ok(msg)
     }
 
-    /// Accounts for a message taken through [`Rx::raw`].
-    pub(crate) fn received(&self, msg: &T) {
-        self.bytes.fetch_sub(msg.weight(), Ordering::Relaxed);
+    /// True when no message waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.inner.is_empty()
     }
 
     /// Messages waiting.

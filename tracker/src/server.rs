@@ -71,9 +71,10 @@ pub(crate) struct Shared {
 pub(crate) struct SwarmLanes {
     /// Requests, bounded by count and bytes: a full inbox refuses with a failure reply.
     pub(crate) requests: Tx<(ConnId, Request)>,
-    /// Close notices, which must never be lost (lost ones would leave ghost peers owning
-    /// their ids). Unbounded, but bounded by construction: one notice per closed connection
-    /// per swarm worker, each naming at most `max_swarms_per_connection` peers.
+    /// Close notices that found `requests` full: they must never be lost (lost ones would
+    /// leave ghost peers owning their ids). Unbounded, but bounded by construction: one
+    /// notice per closed connection per swarm worker, each naming at most
+    /// `max_swarms_per_connection` × `max_peer_ids_per_swarm` peers.
     pub(crate) closes: Sender<(ConnId, Request)>,
 }
 
@@ -448,25 +449,15 @@ impl SwarmWorker {
                 .min(next_stats)
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(500));
-            let mut first = None;
-            let mut disconnected = false;
-            crossbeam_channel::select! {
-                recv(self.closes) -> msg => match msg {
-                    Ok(notice) => first = Some(notice),
-                    Err(_) => disconnected = true,
-                },
-                recv(self.rx.raw()) -> msg => match msg {
-                    Ok(request) => {
-                        self.rx.received(&request);
-                        first = Some(request);
-                    }
-                    Err(_) => disconnected = true,
-                },
-                default(wait) => {}
-            }
-            if disconnected {
-                return;
-            }
+            // One blocking receiver: waiting on two channels at once (select) cost a futex
+            // wake per request. Close notices come on the request lane too; only when it is
+            // full do they take the close lane, and then this worker is busy and drains that
+            // lane on its next turn.
+            let first = match self.rx.recv_timeout(wait) {
+                Ok(request) => Some(request),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
             // After the wait, so requests that arrive after a reload meet the new list.
             if self.access.refresh(&shared.access) {
                 let list = self.access.list();
@@ -475,37 +466,26 @@ impl SwarmWorker {
             }
             let now = Instant::now();
             let liveness: &dyn Liveness = &shared.liveness;
-            // Close notices first: they are few, and an announce that overtook its
-            // connection's close is refused by the shard (the connection reads as closed).
-            let mut closes = 0;
+            // Close notices that overflowed first: they are few, and an announce that
+            // overtook its connection's close is ignored by the shard (the connection reads
+            // as closed in the liveness table).
+            let (mut handled, mut closes) = (0u64, 0u64);
+            let mut count = |request: &Request| match request {
+                Request::Closed { .. } => closes += 1,
+                _ => handled += 1,
+            };
             while let Ok((conn, notice)) = self.closes.try_recv() {
+                count(&notice);
                 self.shard.handle(now, conn, notice, liveness, &mut out);
-                closes += 1;
             }
-            let mut handled = 0;
-            if let Some((conn, request)) = first {
-                if matches!(request, Request::Closed { .. }) {
-                    closes += 1;
-                } else {
-                    handled += 1;
-                }
-                handle(
-                    &mut self.shard,
-                    &self.access,
-                    now,
-                    conn,
-                    request,
-                    liveness,
-                    &mut out,
-                );
-            }
-            if handled > 0 || !self.rx.raw().is_empty() {
+            if let Some(first) = first {
                 m.inbox_depth.store(self.rx.len() as u64, Ordering::Relaxed);
                 m.inbox_bytes
                     .store(self.rx.bytes() as u64, Ordering::Relaxed);
-                while handled < REQUESTS_PER_BATCH
-                    && let Ok((conn, request)) = self.rx.try_recv()
-                {
+                let mut next = Some(first);
+                let mut taken = 0;
+                while let Some((conn, request)) = next.take() {
+                    count(&request);
                     handle(
                         &mut self.shard,
                         &self.access,
@@ -515,10 +495,13 @@ impl SwarmWorker {
                         liveness,
                         &mut out,
                     );
-                    handled += 1;
+                    taken += 1;
+                    if taken < REQUESTS_PER_BATCH {
+                        next = self.rx.try_recv().ok();
+                    }
                 }
             }
-            bump(&m.requests, handled as u64);
+            bump(&m.requests, handled);
             bump(&m.closes, closes);
             let now = Instant::now();
             if now >= next_clean {

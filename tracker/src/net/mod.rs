@@ -447,7 +447,7 @@ impl EventLoop {
                 }
             }
         }
-        self.inbox_pending = !self.worker.from_swarms.raw().is_empty();
+        self.inbox_pending = !self.worker.from_swarms.is_empty();
     }
 
     /// Timeouts: unfinished handshakes, pings for quiet connections, idle closes, scrapes
@@ -548,9 +548,17 @@ impl EventLoop {
             per_shard[shard_of(&h, shards)].push((h, p));
         }
         for (lanes, peers) in self.worker.to_swarms.iter().zip(per_shard) {
-            if !peers.is_empty() {
-                // Fails only when the swarm worker has stopped (shutdown).
-                let _ = lanes.closes.send((conn.id, Request::Closed { peers }));
+            if peers.is_empty() {
+                continue;
+            }
+            // The request lane keeps the notice behind this connection's last requests and
+            // wakes the worker; when full, the close lane, which never refuses (sending fails
+            // only once the swarm worker has stopped, at shutdown).
+            if let Err(e) = lanes
+                .requests
+                .try_send((conn.id, Request::Closed { peers }))
+            {
+                let _ = lanes.closes.send(e.into_inner());
             }
         }
     }
