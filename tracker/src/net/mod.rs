@@ -3,10 +3,11 @@
 //! connection's state lives in `connection`, the stream under it in `stream`, decoding and
 //! forwarding requests in `requests`, and the batched write path in `write`.
 //!
-//! One turn of the loop: poll; read from every ready connection (at most `FRAMES_PER_TURN`
-//! frames each); deliver at most `DELIVER_PER_TURN` replies from the swarm workers; flush
-//! every connection that has output queued, once; sweep timeouts every tick. Every step is
-//! bounded, so accepts and reads are never starved by a flood on one side.
+//! One turn of the loop: poll; deliver at most `DELIVER_PER_TURN` replies from the swarm
+//! workers; unless replies are still backed up, read from every ready connection (at most
+//! `FRAMES_PER_TURN` frames each); flush every connection that has output queued, once;
+//! sweep timeouts every tick. Every step is bounded, so neither side starves the other, and
+//! replies are delivered before more requests are read (back-pressure instead of drops).
 
 mod connection;
 mod requests;
@@ -45,6 +46,8 @@ const FRAMES_PER_TURN: usize = 64;
 /// Replies taken from the swarm workers per loop turn; the rest wait one turn, so a burst
 /// of fan-out cannot hold off accepts and reads.
 const DELIVER_PER_TURN: usize = 4096;
+/// Loop turns in a row that may skip reads while replies are backed up.
+const MAX_DEFERRED_TURNS: u32 = 8;
 /// Bytes buffered per connection before tungstenite writes mid-turn; below this, a turn's
 /// frames go out in one write at the end of the turn.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
@@ -108,6 +111,7 @@ impl SocketWorker {
             again: Vec::new(),
             dirty: Vec::new(),
             inbox_pending: false,
+            deferred_turns: 0,
             next_prune: Instant::now(),
         }
         .run()
@@ -130,6 +134,8 @@ struct EventLoop {
     dirty: Vec<usize>,
     /// The swarm workers' replies were not all taken last turn.
     inbox_pending: bool,
+    /// Turns in a row that skipped reads to deliver replies first.
+    deferred_turns: u32,
     /// When the connections' expired swarm records are next pruned.
     next_prune: Instant,
 }
@@ -158,18 +164,40 @@ impl EventLoop {
             }
             // After the wait, so frames that arrive after a reload meet the new list.
             self.access.refresh(&self.worker.shared.access);
+            // Replies first. While they back up, reading more requests would only make more
+            // replies to drop: reads wait (TCP pushes back on the clients) until the backlog
+            // is delivered, and writable connections are still flushed.
+            self.deliver_from_swarms();
             let now = Instant::now();
-            for slot in std::mem::take(&mut self.again) {
-                self.advance(slot, now);
-            }
-            for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept(),
-                    WAKER => {}
-                    Token(slot) => self.advance(slot, now),
+            // At most a few turns in a row, so replies that other socket workers' clients keep
+            // producing for this worker cannot stop its reads for long.
+            let defer = self.inbox_pending && self.deferred_turns < MAX_DEFERRED_TURNS;
+            self.deferred_turns = if defer { self.deferred_turns + 1 } else { 0 };
+            if defer {
+                for event in events.iter() {
+                    match event.token() {
+                        LISTENER => self.accept(),
+                        WAKER => {}
+                        Token(slot) => {
+                            self.mark_dirty(slot);
+                            self.again.push(slot);
+                        }
+                    }
+                }
+                self.again.sort_unstable();
+                self.again.dedup();
+            } else {
+                for slot in std::mem::take(&mut self.again) {
+                    self.advance(slot, now);
+                }
+                for event in events.iter() {
+                    match event.token() {
+                        LISTENER => self.accept(),
+                        WAKER => {}
+                        Token(slot) => self.advance(slot, now),
+                    }
                 }
             }
-            self.deliver_from_swarms();
             let now = Instant::now();
             if now >= next_sweep {
                 self.sweep(now);
