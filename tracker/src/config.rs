@@ -59,9 +59,11 @@ pub struct NetworkConfig {
     pub idle_timeout_secs: u64,
     /// A peer id whose connection has sent nothing (no frame, no pong) for this many seconds
     /// may be claimed by a new connection: a client whose network changed reconnects and
-    /// keeps its id. Must exceed `ping_interval_secs`, so a live owner has answered a ping
-    /// and cannot be hijacked.
-    pub takeover_grace_secs: u64,
+    /// keeps its id. Unset: 1.5 × `ping_interval_secs` (30 s by default). When set, at
+    /// least 1.5 × `ping_interval_secs` and more than `ping_interval_secs` + 1, so a live
+    /// owner has answered a ping in time and cannot be hijacked.
+    /// Example: 30
+    pub takeover_grace_secs: Option<u64>,
     /// Text frames per second one connection may send, on average (token bucket; 0 = no
     /// limit). Frames over the limit get a failure reply and are not processed.
     pub max_messages_per_second: u32,
@@ -89,7 +91,7 @@ impl Default for NetworkConfig {
             handshake_timeout_ms: 10_000,
             ping_interval_secs: 20,
             idle_timeout_secs: 180,
-            takeover_grace_secs: 30,
+            takeover_grace_secs: None,
             max_messages_per_second: 200,
             message_burst: 400,
             max_connections_per_ip: 0,
@@ -114,9 +116,10 @@ pub struct ProtocolConfig {
     pub default_numwant: usize,
     /// Most info hashes in one scrape.
     pub max_scrape_hashes: usize,
-    /// Most swarms one connection may hold a peer in at once (npm clients share one socket
-    /// per tracker for every torrent they have). Leaving a swarm (`stopped`, or silence past
-    /// `peer_timeout_secs`) frees its place.
+    /// Most peers one connection may hold at once, across swarms: one per swarm it joined,
+    /// plus any further peer ids in a swarm (npm clients share one socket per tracker for
+    /// every torrent they have). Leaving (`stopped`, or silence past `peer_timeout_secs`)
+    /// frees a place. About 100 bytes of tracker memory each.
     pub max_swarms_per_connection: usize,
     /// Most peer ids one connection may hold in one swarm; a new id past this replaces the
     /// connection's least recently announced one there. More than one because the npm
@@ -130,8 +133,8 @@ pub struct ProtocolConfig {
     /// Seconds between rebuilds of the full-scrape snapshot, and the least time between two
     /// full scrapes from one connection.
     pub full_scrape_interval_secs: u64,
-    /// Most swarms in a full scrape (the largest ones); about 100 bytes each on the wire,
-    /// so it must fit in `network.max_outgoing_queue`.
+    /// Most swarms in a full scrape (the largest ones); at most 240 bytes each on the wire,
+    /// and the whole reply must fit in half of `network.max_outgoing_queue`.
     pub full_scrape_max_swarms: usize,
 }
 
@@ -148,7 +151,7 @@ impl Default for ProtocolConfig {
             max_peer_ids_per_swarm: 4,
             full_scrape: false,
             full_scrape_interval_secs: 30,
-            full_scrape_max_swarms: 1000,
+            full_scrape_max_swarms: 500,
         }
     }
 }
@@ -166,7 +169,8 @@ pub struct WorkerConfig {
     pub channel_capacity: usize,
     /// Bytes the messages in each channel between workers may hold (offers included), so a
     /// burst of large announces cannot fill memory. A message that does not fit is refused
-    /// (a request gets a failure reply; a reply is dropped and counted).
+    /// (a request gets a failure reply; a reply is dropped and counted). At least two
+    /// largest messages and the largest scrape reply part.
     pub channel_bytes: usize,
     /// Milliseconds a scrape waits for every swarm worker's part before it is answered with
     /// a failure (a part can be dropped under overload).
@@ -270,11 +274,18 @@ impl Config {
         if n.idle_timeout_secs <= n.ping_interval_secs {
             return fail("network.idle_timeout_secs must exceed network.ping_interval_secs");
         }
-        if n.takeover_grace_secs <= n.ping_interval_secs {
-            return fail("network.takeover_grace_secs must exceed network.ping_interval_secs");
+        if let Some(grace) = n.takeover_grace_secs
+            && (grace * 2 < n.ping_interval_secs * 3 || grace <= n.ping_interval_secs + 1)
+        {
+            return fail(
+                "network.takeover_grace_secs must be at least 1.5 × network.ping_interval_secs and more than it + 1",
+            );
         }
-        if self.workers.channel_bytes < 4096 {
-            return fail("workers.channel_bytes must be at least 4096");
+        let largest_part = self.protocol.max_scrape_hashes * SCRAPE_PART_BYTES_PER_HASH + 1024;
+        if self.workers.channel_bytes < (2 * n.max_message_size).max(largest_part) {
+            return fail(
+                "workers.channel_bytes must hold two network.max_message_size messages and a scrape part (protocol.max_scrape_hashes × 48 bytes)",
+            );
         }
         if self.workers.reply_timeout_ms == 0 {
             return fail("workers.reply_timeout_ms must be at least 1");
@@ -286,10 +297,10 @@ impl Config {
         if p.full_scrape
             && p.full_scrape_max_swarms
                 .saturating_mul(FULL_SCRAPE_BYTES_PER_SWARM)
-                > n.max_outgoing_queue
+                > n.max_outgoing_queue / 2
         {
             return fail(
-                "protocol.full_scrape_max_swarms × 200 bytes must fit in network.max_outgoing_queue",
+                "protocol.full_scrape_max_swarms × 240 bytes must fit in half of network.max_outgoing_queue",
             );
         }
         if n.max_messages_per_second > 0 && n.message_burst == 0 {
@@ -324,7 +335,7 @@ impl Config {
     pub fn to_commented_toml(&self) -> String {
         let table = toml::Table::try_from(self).unwrap_or_default();
         let mut out = String::from(
-            "# tidepool-tracker configuration. Every field is optional; these are the defaults.\n",
+            "# tidepool-tracker configuration. Every field is optional; unset fields take the\n# defaults (which `--print-config` alone prints).\n",
         );
         let comment = |out: &mut String, doc: &str| {
             for line in doc.lines().filter(|l| !l.starts_with("Example: ")) {
@@ -350,13 +361,28 @@ impl Config {
         out
     }
 
+    /// How long a peer id's owner must be silent before another connection may claim it.
+    pub fn takeover_grace(&self) -> Duration {
+        let n = &self.network;
+        Duration::from_secs(
+            n.takeover_grace_secs.unwrap_or(
+                (n.ping_interval_secs * 3)
+                    .div_ceil(2)
+                    .max(n.ping_interval_secs + 2),
+            ),
+        )
+    }
+
     pub(crate) fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.network.handshake_timeout_ms)
     }
 }
 
-/// Worst-case bytes of one swarm in a full-scrape reply (ids escaped, counts at their widest).
-pub(crate) const FULL_SCRAPE_BYTES_PER_SWARM: usize = 200;
+/// Worst-case bytes of one swarm in a full-scrape reply: the id with every byte escaped
+/// (122), the keys (~45) and three counts at their widest (60).
+pub(crate) const FULL_SCRAPE_BYTES_PER_SWARM: usize = 240;
+/// Bytes a scrape reply part holds per info hash in a channel (`(InfoHash, ScrapeStats)`).
+pub(crate) const SCRAPE_PART_BYTES_PER_HASH: usize = 48;
 
 /// The doc comments of this file's structs, collected by `build.rs`.
 mod docs {

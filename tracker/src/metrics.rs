@@ -134,6 +134,8 @@ pub(crate) struct SocketMetrics {
     pub(crate) memberships: AtomicU64,
     /// Full-scrape snapshots this worker rebuilt.
     pub(crate) full_scrape_rebuilds: AtomicU64,
+    /// Close notices that found a swarm worker's request inbox full and took the close lane.
+    pub(crate) closes_overflowed: AtomicU64,
     pub(crate) tls_handshakes: AtomicU64,
     pub(crate) tls_handshake_failures: AtomicU64,
 }
@@ -155,6 +157,7 @@ impl Default for SocketMetrics {
             replies_orphaned: AtomicU64::new(0),
             memberships: AtomicU64::new(0),
             full_scrape_rebuilds: AtomicU64::new(0),
+            closes_overflowed: AtomicU64::new(0),
             tls_handshakes: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
         }
@@ -173,8 +176,10 @@ pub(crate) struct SwarmMetrics {
     /// Bytes those requests hold.
     pub(crate) inbox_bytes: AtomicU64,
     pub(crate) requests: AtomicU64,
-    /// Closed-connection notices handled (they travel on their own lossless lane).
+    /// Closed-connection notices handled.
     pub(crate) closes: AtomicU64,
+    /// Close notices waiting on the close lane (those that found the request inbox full).
+    pub(crate) close_lane_depth: AtomicU64,
     pub(crate) peers_purged: AtomicU64,
     /// Replies dropped because a socket worker's inbox was full, by kind.
     pub(crate) dropped: [AtomicU64; DropKind::COUNT],
@@ -348,6 +353,13 @@ impl Metrics {
         );
         per_worker(
             &mut out,
+            "tidepool_close_notices_overflowed_total",
+            "Close notices that found a swarm worker's inbox full and took the lane that never refuses.",
+            "counter",
+            &|s| s.closes_overflowed.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
             "tidepool_tls_handshakes_total",
             "TLS handshakes completed.",
             "counter",
@@ -463,9 +475,16 @@ impl Metrics {
         per_shard(
             &mut out,
             "tidepool_swarm_closes_total",
-            "Closed-connection notices handled (never dropped: they have their own lane).",
+            "Closed-connection notices handled (never dropped).",
             "counter",
             &|s| s.closes.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "tidepool_close_lane_depth",
+            "Close notices waiting on the overflow lane.",
+            "gauge",
+            &|s| s.close_lane_depth.load(Relaxed),
         );
         per_shard(
             &mut out,

@@ -217,7 +217,7 @@ impl Tracker {
                         peer_timeout: Duration::from_secs(config.protocol.peer_timeout_secs),
                         max_offers: config.protocol.max_offers,
                         default_numwant: config.protocol.default_numwant,
-                        takeover_grace: Duration::from_secs(config.network.takeover_grace_secs),
+                        takeover_grace: config.takeover_grace(),
                     },
                     fastrand::u64(..),
                 ),
@@ -474,10 +474,17 @@ impl SwarmWorker {
                 Request::Closed { .. } => closes += 1,
                 _ => handled += 1,
             };
-            while let Ok((conn, notice)) = self.closes.try_recv() {
+            // At most a batch per turn, so a mass close cannot hold off requests.
+            let mut overflowed = 0;
+            while overflowed < REQUESTS_PER_BATCH
+                && let Ok((conn, notice)) = self.closes.try_recv()
+            {
+                overflowed += 1;
                 count(&notice);
                 self.shard.handle(now, conn, notice, liveness, &mut out);
             }
+            m.close_lane_depth
+                .store(self.closes.len() as u64, Ordering::Relaxed);
             if let Some(first) = first {
                 m.inbox_depth.store(self.rx.len() as u64, Ordering::Relaxed);
                 m.inbox_bytes

@@ -395,12 +395,6 @@ impl Shard {
         liveness: &dyn Liveness,
         out: &mut Vec<(ConnId, Output)>,
     ) {
-        if liveness.quiet_for(conn, now) == Duration::MAX {
-            // The connection closed after sending this, and its close notice (which travels
-            // on another lane) may already have been handled: joining now would leave a
-            // ghost peer that owns its id until the peer timeout. Nobody reads a reply.
-            return;
-        }
         // The connection's previous id in this swarm leaves first, whatever becomes of the
         // new one: the client has moved on from it, and the socket worker now records only
         // the new id for this swarm (so a close could not name the old one).
@@ -409,6 +403,24 @@ impl Shard {
             && self.remove_if_owned(&a.info_hash, &old, conn)
         {
             self.counters.replaced += 1;
+        }
+        if liveness.quiet_for(conn, now) == Duration::MAX {
+            // The connection closed after sending this, and its close notice may already
+            // have been handled (it no longer names a peer this request stopped or
+            // replaced). Leaving still happens; joining, refreshing or taking over would
+            // leave a ghost that owns its id until the peer timeout. An answer is still
+            // routed: the offerer can use it. Nobody reads a reply.
+            if a.event == AnnounceEvent::Stopped && a.answer.is_none() {
+                self.remove_if_owned(&a.info_hash, &a.peer_id, conn);
+            }
+            if let Some(answer) = a.answer
+                && self
+                    .owner(&a.info_hash, &a.peer_id)
+                    .is_none_or(|o| o == conn || liveness.quiet_for(o, now) == Duration::MAX)
+            {
+                self.route_answer(conn, &a.info_hash, &a.peer_id, answer, out);
+            }
+            return;
         }
         let refuse = |out: &mut Vec<(ConnId, Output)>, reason: &'static str| {
             let mut frame = Vec::new();
@@ -421,14 +433,21 @@ impl Shard {
             out.push((conn, Output::Frame(FrameKind::Error, into_string(frame))));
         };
 
-        let mut owner = self.owner(&a.info_hash, &a.peer_id);
+        let owner = self.owner(&a.info_hash, &a.peer_id);
         if let Some(current) = owner
             && current != conn
         {
-            // The owner keeps its peer_id while it is live; a silent or closed owner's id
-            // passes to the claimant (same seeder state, counts unchanged).
-            if liveness.quiet_for(current, now) <= self.config.takeover_grace {
+            // The owner keeps its peer_id while it is live. A silent or closed owner's id
+            // passes to a claimant that announces (same seeder state, counts unchanged);
+            // never to an answer, which joins nothing, so its connection's close notice
+            // could not name the peer.
+            let silent = liveness.quiet_for(current, now) > self.config.takeover_grace;
+            if !silent {
                 refuse(out, "peer_id is in use by another connection");
+                return;
+            }
+            if let Some(answer) = a.answer {
+                self.route_answer(conn, &a.info_hash, &a.peer_id, answer, out);
                 return;
             }
             if let Some(peer) = self
@@ -438,7 +457,6 @@ impl Shard {
             {
                 peer.conn = conn;
                 self.counters.takeovers += 1;
-                owner = Some(conn);
             }
         }
 
@@ -1105,12 +1123,11 @@ mod tests {
     }
 
     #[test]
-    fn an_announce_that_overtook_its_connections_close_joins_nothing() {
+    fn a_request_that_overtook_its_connections_close_leaves_but_never_joins() {
         let mut s = shard();
         let now = Instant::now();
         let mut out = Vec::new();
         let quiet = Quiet::default();
-        quiet.0.borrow_mut().push((conn(1), Duration::MAX));
         s.handle(
             now,
             conn(1),
@@ -1118,8 +1135,89 @@ mod tests {
             &quiet,
             &mut out,
         );
-        assert_eq!(s.peer_count(), 0);
-        assert!(out.is_empty(), "nobody to reply to");
+        s.handle(
+            now,
+            conn(2),
+            announce_as(2, AnnounceEvent::Started, None),
+            &quiet,
+            &mut out,
+        );
+        out.clear();
+        // Connection 1 sent `stopped` and closed; its close notice, handled first, no longer
+        // named peer 1. The stop still removes it.
+        quiet.0.borrow_mut().push((conn(1), Duration::MAX));
+        s.handle(
+            now,
+            conn(1),
+            announce_as(1, AnnounceEvent::Stopped, None),
+            &quiet,
+            &mut out,
+        );
+        assert_eq!(s.owner(&InfoHash([1; 20]), &PeerId([1; 20])), None);
+        // A join, a replacing id or a takeover from a closed connection adds nothing.
+        s.handle(
+            now,
+            conn(1),
+            announce_as(3, AnnounceEvent::Started, Some(1)),
+            &quiet,
+            &mut out,
+        );
+        assert_eq!(s.peer_count(), 1);
+        // Its last answer still reaches the offerer.
+        let Request::Announce(mut a) = announce_as(1, AnnounceEvent::None, None) else {
+            unreachable!()
+        };
+        a.answer = Some(AnswerPart {
+            to_peer_id: PeerId([2; 20]),
+            offer_id: OfferId::from_bytes20(&[9; 20]),
+            answer: r#"{"type":"answer","sdp":"y"}"#.into(),
+        });
+        s.handle(now, conn(1), Request::Announce(a), &quiet, &mut out);
+        assert_eq!(frames_for(&out, conn(2)), ["answer from 1"]);
+        assert!(frames_for(&out, conn(1)).is_empty(), "nobody to reply to");
+    }
+
+    #[test]
+    fn an_answer_never_takes_over_a_silent_owners_id() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let quiet = Quiet::default();
+        s.handle(
+            now,
+            conn(1),
+            announce_as(1, AnnounceEvent::Started, None),
+            &quiet,
+            &mut out,
+        );
+        s.handle(
+            now,
+            conn(2),
+            announce_as(2, AnnounceEvent::Started, None),
+            &quiet,
+            &mut out,
+        );
+        quiet
+            .0
+            .borrow_mut()
+            .push((conn(1), Duration::from_secs(60)));
+        out.clear();
+        let Request::Announce(mut a) = announce_as(1, AnnounceEvent::None, None) else {
+            unreachable!()
+        };
+        a.answer = Some(AnswerPart {
+            to_peer_id: PeerId([2; 20]),
+            offer_id: OfferId::from_bytes20(&[9; 20]),
+            answer: r#"{"type":"answer","sdp":"y"}"#.into(),
+        });
+        s.handle(now, conn(3), Request::Announce(a), &quiet, &mut out);
+        assert_eq!(frames_for(&out, conn(2)), ["answer from 1"], "routed");
+        assert_eq!(
+            s.owner(&InfoHash([1; 20]), &PeerId([1; 20])),
+            Some(conn(1)),
+            "not taken"
+        );
+        assert_eq!(s.counters().takeovers, 0);
     }
 
     #[test]

@@ -69,7 +69,7 @@ async fn swarms_left_by_silence_free_their_place_after_the_peer_timeout() {
     assert!(r["failure reason"].is_string(), "{r}");
     // The client stops announcing in those swarms (a torrent removed without `stopped`):
     // once their peers time out, the connection may join others.
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    tokio::time::sleep(Duration::from_millis(2600)).await;
     for i in 10..14 {
         let r = c.announce(&num_id(b'h', i), &me, json!({})).await;
         assert!(r["interval"].is_u64(), "{r}");
@@ -146,10 +146,15 @@ async fn many_peer_ids_from_one_socket_in_one_swarm_stay_a_few_peers() {
         to.push(offer["offer_id"].as_str().unwrap_or_default().to_owned());
     }
     c.expect_silence(Duration::from_millis(300)).await;
-    to.dedup();
     assert_eq!(to.len(), 2);
     let text = wait_for_sample(&tracker, "tidepool_peers_replaced_total{shard=\"0\"}", 498).await;
     assert_eq!(sample(&text, "tidepool_leechers{shard=\"0\"}"), 3);
+    // The two kept are the last two announced: announcing them again replaces nothing, and
+    // an older one replaces one of them.
+    for i in [498, 499, 497] {
+        c.announce(&h, &num_id(b'p', i), json!({})).await;
+    }
+    wait_for_sample(&tracker, "tidepool_peers_replaced_total{shard=\"0\"}", 499).await;
     tracker.shutdown();
 }
 
@@ -193,7 +198,7 @@ async fn stop_then_start_on_one_socket_rejoins_and_gets_offers_again() {
 fn takeover_config() -> tidepool_tracker::Config {
     let mut cfg = config_with_metrics();
     cfg.network.ping_interval_secs = 1;
-    cfg.network.takeover_grace_secs = 2;
+    cfg.network.takeover_grace_secs = Some(3);
     cfg.network.idle_timeout_secs = 60;
     cfg
 }
@@ -222,7 +227,7 @@ async fn a_client_whose_network_changed_takes_its_peer_id_back_once_the_old_sock
         assert!(started.elapsed() < WAIT, "never taken over: {r}");
     };
     assert!(
-        taken >= Duration::from_millis(1500),
+        taken >= Duration::from_millis(2500),
         "taken over too early: {taken:?}"
     );
     // The id now answers on the new socket, and the swarm counts it once.
@@ -243,10 +248,11 @@ async fn a_client_whose_network_changed_takes_its_peer_id_back_once_the_old_sock
         fresh.recv().await["peer_id"].as_str(),
         Some(num_id(b'l', 0).as_str())
     );
-    // The old socket closing later evicts nobody.
-    drop(old);
     wait_for_sample(&tracker, "tidepool_peer_takeovers_total{shard=\"0\"}", 1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The old socket closing later evicts nobody: once its close notice was handled, the
+    // peer is still there.
+    drop(old);
+    wait_for_sample(&tracker, "tidepool_swarm_closes_total{shard=\"0\"}", 1).await;
     assert_eq!(counts(&leecher.scrape(json!(h)).await, &h), (1, 1));
     tracker.shutdown();
 }
@@ -277,7 +283,7 @@ async fn a_live_owner_that_answers_pings_cannot_be_hijacked() {
         tries += 1;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(tries > 10);
+    assert!(tries >= 5, "{tries}");
     let mut owner = owner.await.expect("owner task");
     let r = owner.announce(&h, &me, json!({})).await;
     assert_eq!(r["incomplete"], json!(1));

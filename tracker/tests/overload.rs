@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// These tests flood the tracker and measure the process: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_scrape_is_refused_by_default_with_a_reason_and_the_connection_stays() {
@@ -38,6 +42,7 @@ fn rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_full_scrapes_over_thousands_of_swarms_does_not_slow_a_bystander() {
+    let _serial = SERIAL.lock().await;
     let mut cfg = config_with_metrics();
     cfg.protocol.full_scrape = true;
     cfg.protocol.full_scrape_interval_secs = 1;
@@ -158,138 +163,177 @@ async fn a_flood_of_full_scrapes_over_thousands_of_swarms_does_not_slow_a_bystan
     tracker.shutdown();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scrape_part_refused_by_a_full_inbox_is_counted_and_the_scrape_fails_in_time() {
-    let mut cfg = config_with_metrics();
-    // An inbox that takes a 150-swarm scrape request (~3.2 KB) but not its reply part
-    // (~7 KB): the part can never be delivered.
-    cfg.workers.channel_bytes = 4096;
-    cfg.workers.reply_timeout_ms = 300;
-    cfg.protocol.max_scrape_hashes = 256;
-    let tracker = start(cfg);
-    let mut c = Client::connect(&tracker.url()).await;
-    let hashes: Vec<String> = (0..150).map(|i| num_id(b'h', i)).collect();
-    let t = Instant::now();
-    let r = c.scrape(json!(hashes)).await;
-    assert_eq!(r["action"], "scrape");
-    assert!(
-        r["failure reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("timed out"),
-        "{r}"
-    );
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-    let text = wait_for_sample(
-        &tracker,
-        "tidepool_replies_dropped_total{shard=\"0\",kind=\"scrape_part\"}",
-        1,
-    )
-    .await;
-    assert_eq!(
-        sample(&text, "tidepool_errors_total{kind=\"scrape_timeout\"}"),
-        1
-    );
-    // A small scrape on the same connection still works.
-    let r = c.scrape(json!(hashes[0])).await;
-    assert!(r["files"][&hashes[0]].is_object(), "{r}");
-    tracker.shutdown();
+/// Reads frames until `quiet` passes without one; returns them.
+async fn drain(c: &mut Client, quiet: Duration) -> Vec<Value> {
+    let mut got = Vec::new();
+    while let Ok(msg) = tokio::time::timeout(quiet, c.recv()).await {
+        got.push(msg);
+    }
+    got
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offers_a_full_inbox_refuses_are_counted_so_none_is_lost_silently() {
+async fn a_pipelined_flood_past_the_inboxes_loses_no_offer_and_no_scrape_without_a_count() {
+    let _serial = SERIAL.lock().await;
     let mut cfg = config_with_metrics();
-    // Inboxes of four messages: one announce fanning out ten offers overflows the socket
-    // worker's inbox within one batch of the swarm worker.
-    cfg.workers.channel_capacity = 4;
+    cfg.workers.channel_capacity = 64;
+    cfg.workers.reply_timeout_ms = 500;
+    cfg.network.max_messages_per_second = 0;
     let tracker = start(cfg);
     let url = tracker.url();
     let h = num_id(b'h', 0);
-    let mut peers = Vec::new();
+    let mut receivers = Vec::new();
     for i in 0..10 {
-        let mut p = Client::connect(&url).await;
-        p.announce(&h, &num_id(b'p', i), json!({})).await;
-        peers.push(p);
+        let mut r = Client::connect(&url).await;
+        r.announce(&h, &num_id(b'r', i), json!({})).await;
+        receivers.push(r);
     }
+    // Sixty announces fanning out ten offers each, each followed by a scrape, sent without
+    // waiting: one swarm-worker batch makes far more replies than the 64-message inbox holds.
+    const ROUNDS: u64 = 60;
     let mut sender = Client::connect(&url).await;
-    sender
-        .send(announce_msg(
-            &h,
-            &num_id(b's', 0),
-            json!({"offers": offers(10, "s"), "numwant": 10}),
-        ))
-        .await;
+    for _ in 0..ROUNDS {
+        sender
+            .send(announce_msg(
+                &h,
+                &num_id(b's', 0),
+                json!({"offers": offers(10, "s"), "numwant": 10}),
+            ))
+            .await;
+        sender
+            .send(json!({"action": "scrape", "info_hash": h}))
+            .await;
+    }
+    let replies = drain(&mut sender, Duration::from_secs(2)).await;
+    let reason = |r: &Value| r["failure reason"].as_str().unwrap_or_default().to_owned();
+    let scrapes = replies
+        .iter()
+        .filter(|r| r["action"] == "scrape" || r["files"].is_object())
+        .count() as u64;
+    let announce_refused = replies
+        .iter()
+        .filter(|r| r["action"] == "announce" && reason(r).contains("overloaded"))
+        .count() as u64;
+    let responses = replies.iter().filter(|r| r["interval"].is_u64()).count() as u64;
     let mut delivered = 0;
-    for p in &mut peers {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-        if let Ok(msg) = tokio::time::timeout_at(deadline, p.recv()).await {
-            assert!(msg["offer"].is_object(), "{msg}");
-            delivered += 1;
-        }
+    for r in &mut receivers {
+        delivered += drain(r, Duration::from_millis(500))
+            .await
+            .iter()
+            .filter(|m| m["offer"].is_object())
+            .count() as u64;
     }
     let (_, _, text) = http_get(&tracker, "/metrics");
-    let dropped = sample(
-        &text,
-        "tidepool_replies_dropped_total{shard=\"0\",kind=\"offer\"}",
+    let dropped = |kind: &str| {
+        sample(
+            &text,
+            &format!("tidepool_replies_dropped_total{{shard=\"0\",kind=\"{kind}\"}}"),
+        )
+    };
+    let accepted = ROUNDS - announce_refused;
+    assert!(
+        dropped("offer") + dropped("announce_response") > 0,
+        "the inboxes never overflowed: {text}"
     );
-    assert!(dropped > 0, "the inbox should have refused some: {text}");
-    // Every offer either arrived or was counted as dropped.
-    assert_eq!(delivered + dropped, 10, "{delivered} delivered");
+    assert_eq!(
+        scrapes, ROUNDS,
+        "every scrape answered exactly once (counts or a failure)"
+    );
+    assert_eq!(
+        delivered + dropped("offer"),
+        accepted * 10,
+        "every offer delivered or counted"
+    );
+    assert_eq!(
+        responses + dropped("announce_response"),
+        accepted,
+        "every response delivered or counted"
+    );
+    // A dropped scrape part fails its scrape at the timeout; one arriving after it is orphaned.
+    assert_eq!(
+        sample(&text, "tidepool_errors_total{kind=\"scrape_timeout\"}"),
+        dropped("scrape_part") + sample(&text, "tidepool_replies_orphaned_total{worker=\"0\"}")
+    );
     tracker.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closes_remove_their_peers_while_request_inboxes_overflow() {
+async fn closes_during_an_inbox_overflow_still_remove_every_peer() {
+    use futures_util::{SinkExt, StreamExt};
+    let _serial = SERIAL.lock().await;
     let mut cfg = config_with_metrics();
-    cfg.workers.channel_capacity = 2;
+    cfg.workers.channel_capacity = 4;
     cfg.network.max_messages_per_second = 0;
     let tracker = start(cfg);
     let url = tracker.url();
     let hashes: Vec<String> = (0..20).map(|i| num_id(b'h', i)).collect();
-    // Twenty leavers, each in every swarm.
     let mut leavers = Vec::new();
     for l in 0..20u32 {
         let mut c = Client::connect(&url).await;
         for h in &hashes {
-            // Retried: with an inbox of two, some announces are refused as overloaded.
-            loop {
-                let r = c.announce(h, &num_id(b'l', l), json!({"left": 0})).await;
-                if r["interval"].is_u64() {
-                    break;
-                }
-            }
+            // Retried: a small inbox refuses some announces as overloaded.
+            while !c.announce(h, &num_id(b'l', l), json!({"left": 0})).await["interval"].is_u64() {}
         }
         leavers.push(c);
     }
     wait_for_sample(&tracker, "tidepool_seeders{shard=\"0\"}", 400).await;
-    // A flooder keeps the request inbox full while the leavers close.
-    let flood_url = url.clone();
-    let flooder = tokio::spawn(async move {
-        let mut f = Client::connect(&flood_url).await;
-        let h = num_id(b'f', 0);
-        for i in 0..3000 {
-            f.send(announce_msg(&h, &num_id(b'f', i % 4), json!({})))
-                .await;
-        }
-        // Replies the full socket inbox refused never come: read until a quiet second.
-        let mut overloaded = 0;
-        while let Ok(r) = tokio::time::timeout(Duration::from_secs(1), f.recv()).await {
-            if r["failure reason"]
-                .as_str()
-                .is_some_and(|s| s.contains("overloaded"))
-            {
-                overloaded += 1;
+    // A flooder keeps the request inbox full: it sends without waiting and reads on the side.
+    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("flooder connects");
+    let (mut sink, mut stream) = ws.split();
+    let overloaded = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = tokio::spawn({
+        let overloaded = overloaded.clone();
+        async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                if msg.to_text().is_ok_and(|t| t.contains("overloaded")) {
+                    overloaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
-        overloaded
     });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let h = num_id(b'f', 0);
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = announce_msg(&h, &num_id(b'f', i % 4), json!({})).to_string();
+                if sink.send(Message::text(m)).await.is_err() {
+                    break;
+                }
+                i += 1;
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            sink
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    while overloaded.load(std::sync::atomic::Ordering::Relaxed) < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never filled the inbox"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The leavers close while the inbox is full.
     leavers.clear();
-    let overloaded = flooder.await.expect("flooder");
     let text = wait_for_sample(&tracker, "tidepool_seeders{shard=\"0\"}", 0).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sink = writer.await.expect("writer");
+    drop(sink);
+    reader.abort();
     assert!(sample(&text, "tidepool_swarm_closes_total{shard=\"0\"}") >= 20);
     assert!(
-        overloaded > 0,
-        "the inbox never filled; the test proved nothing"
+        sample(
+            &text,
+            "tidepool_close_notices_overflowed_total{worker=\"0\"}"
+        ) > 0,
+        "no close notice found the inbox full; the test proved nothing: {text}"
     );
     tracker.shutdown();
 }

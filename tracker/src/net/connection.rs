@@ -46,6 +46,8 @@ pub(super) struct Connection {
     pub(super) last_full_scrape: Option<Instant>,
     /// Frames were queued since the last flush; the slot is in the loop's dirty list.
     pub(super) dirty: bool,
+    /// The loop turn in which this connection was last advanced.
+    pub(super) advanced_turn: u64,
 }
 
 /// What reading the next frame gave.
@@ -164,15 +166,18 @@ impl TokenBucket {
 }
 
 /// The swarms a connection holds peers in, as the socket worker sees them: at most
-/// `max_ids` peer ids per swarm (a new one past that replaces the connection's least
-/// recently announced one there), dropped on `stopped` and after the peer timeout. The swarm
-/// worker drops a peer at the same time or later, never earlier: it stamps its peers when it
-/// handles the announce, after this record was stamped. A peer the swarm worker refused (its
+/// `max_ids` peer ids per swarm and `max_swarms` in all (a new id past that replaces the
+/// connection's least recently announced one in that swarm), dropped on `stopped` and after
+/// the peer timeout plus a cleaning interval, so never before the swarm worker drops the peer
+/// (it stamps its peers when it handles the announce, after this record was stamped, and
+/// drops them at its next cleaning after the timeout). A peer the swarm worker refused (its
 /// id owned by another live connection) stays recorded until `stopped` or the timeout: that
 /// only spends the refused client's own allowance.
 #[derive(Debug)]
 pub(super) struct Memberships {
     held: AHashMap<InfoHash, Vec<Held>>,
+    /// Peer ids held across all swarms (what `max_swarms` bounds: one each, usually).
+    total: usize,
     /// When expired records were last pruned (at most once a second, when at the limit).
     pruned_at: Instant,
 }
@@ -202,11 +207,13 @@ pub(super) enum Change {
 /// Limits a connection's announces meet.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct MembershipLimits {
-    /// Most swarms held at once.
+    /// Most peer ids held at once across swarms (one per swarm, usually).
     pub(super) max_swarms: usize,
     /// Most peer ids in one swarm.
     pub(super) max_ids: usize,
-    /// Records silent this long are dropped (the swarm workers' peer timeout).
+    /// Records silent this long are dropped: the swarm workers' peer timeout plus their
+    /// cleaning interval, so a record never goes before its peer does (a close in between
+    /// would otherwise not name a peer still in the swarm).
     pub(super) timeout: Duration,
 }
 
@@ -218,13 +225,15 @@ impl Memberships {
     pub(super) fn new(now: Instant) -> Self {
         Self {
             held: AHashMap::new(),
+            total: 0,
             pruned_at: now,
         }
     }
 
-    /// Swarms held now (records past the timeout may linger until the next prune).
+    /// Peer ids held now, across swarms (records past the timeout may linger until the next
+    /// prune).
     pub(super) fn len(&self) -> usize {
-        self.held.len()
+        self.total
     }
 
     /// Records an announce (`answer` = it carries an answer, which joins nothing).
@@ -241,6 +250,7 @@ impl Memberships {
             if let Some(pos) = peers.iter().position(|h| h.peer_id == peer_id) {
                 if event == AnnounceEvent::Stopped && !answer {
                     let before = peers.swap_remove(pos).last_seen;
+                    self.total -= 1;
                     if peers.is_empty() {
                         self.held.remove(&info_hash);
                     }
@@ -256,8 +266,11 @@ impl Memberships {
                 peer_id,
                 last_seen: now,
             };
-            if peers.len() < limits.max_ids {
+            // A further id in a swarm already joined: added while both bounds allow, else it
+            // replaces this connection's least recently announced id there.
+            if peers.len() < limits.max_ids && self.total < limits.max_swarms {
                 peers.push(new);
+                self.total += 1;
                 return Ok(Change::Added);
             }
             let Some(oldest) = peers.iter_mut().min_by_key(|h| h.last_seen) else {
@@ -269,12 +282,13 @@ impl Memberships {
         if answer || event == AnnounceEvent::Stopped {
             return Ok(Change::None);
         }
-        if self.held.len() >= limits.max_swarms {
+        if self.total >= limits.max_swarms {
             self.prune(now, limits.timeout);
-            if self.held.len() >= limits.max_swarms {
+            if self.total >= limits.max_swarms {
                 return Err(TooManySwarms);
             }
         }
+        self.total += 1;
         self.held.insert(
             info_hash,
             vec![Held {
@@ -290,7 +304,10 @@ impl Memberships {
         let peers = self.held.entry(info_hash).or_default();
         match change {
             Change::None => {}
-            Change::Joined | Change::Added => peers.retain(|h| h.peer_id != peer_id),
+            Change::Joined | Change::Added => {
+                peers.retain(|h| h.peer_id != peer_id);
+                self.total -= 1;
+            }
             Change::Replaced(old, last_seen) => {
                 if let Some(h) = peers.iter_mut().find(|h| h.peer_id == peer_id) {
                     *h = Held {
@@ -299,7 +316,10 @@ impl Memberships {
                     };
                 }
             }
-            Change::Left(last_seen) => peers.push(Held { peer_id, last_seen }),
+            Change::Left(last_seen) => {
+                peers.push(Held { peer_id, last_seen });
+                self.total += 1;
+            }
         }
         if peers.is_empty() {
             self.held.remove(&info_hash);
@@ -313,8 +333,11 @@ impl Memberships {
             return;
         }
         self.pruned_at = now;
+        let total = &mut self.total;
         self.held.retain(|_, peers| {
+            let before = peers.len();
             peers.retain(|h| now.saturating_duration_since(h.last_seen) <= timeout);
+            *total -= before - peers.len();
             !peers.is_empty()
         });
     }
@@ -466,6 +489,26 @@ mod tests {
             Ok(Change::None)
         ));
         assert_eq!(pairs(m), [(1, 1), (1, 3)]);
+    }
+
+    #[test]
+    fn extra_ids_count_against_the_same_allowance_as_swarms() {
+        let t0 = Instant::now();
+        let mut m = Memberships::new(t0);
+        say(&mut m, 1, 1, AnnounceEvent::Started, t0).expect("room");
+        say(&mut m, 1, 2, AnnounceEvent::Started, t0).expect("second id");
+        say(&mut m, 2, 1, AnnounceEvent::Started, t0).expect("room");
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            say(&mut m, 3, 1, AnnounceEvent::Started, t0).err(),
+            Some(TooManySwarms)
+        );
+        // Swarm 2 is full for the allowance: a second id there replaces, never adds.
+        assert!(matches!(
+            say(&mut m, 2, 9, AnnounceEvent::Started, t0),
+            Ok(Change::Replaced(..))
+        ));
+        assert_eq!(m.len(), 3);
     }
 
     #[test]

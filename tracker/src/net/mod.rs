@@ -46,6 +46,11 @@ const FRAMES_PER_TURN: usize = 64;
 /// Replies taken from the swarm workers per loop turn; the rest wait one turn, so a burst
 /// of fan-out cannot hold off accepts and reads.
 const DELIVER_PER_TURN: usize = 4096;
+/// Connections accepted per loop turn; more wait a turn, so a connect flood cannot hold off
+/// reads and deliveries (the listener is edge-triggered: the loop comes back by itself).
+const ACCEPTS_PER_TURN: usize = 256;
+/// Sweeps over which every connection's expired swarm records are pruned once.
+const PRUNE_SLICES: usize = 40;
 /// Loop turns in a row that may skip reads while replies are backed up.
 const MAX_DEFERRED_TURNS: u32 = 8;
 /// Bytes buffered per connection before tungstenite writes mid-turn; below this, a turn's
@@ -112,7 +117,9 @@ impl SocketWorker {
             dirty: Vec::new(),
             inbox_pending: false,
             deferred_turns: 0,
-            next_prune: Instant::now(),
+            prune_slice: 0,
+            turn: 0,
+            accept_pending: false,
         }
         .run()
     }
@@ -136,8 +143,12 @@ struct EventLoop {
     inbox_pending: bool,
     /// Turns in a row that skipped reads to deliver replies first.
     deferred_turns: u32,
-    /// When the connections' expired swarm records are next pruned.
-    next_prune: Instant,
+    /// Which slice of the connections the next sweep prunes.
+    prune_slice: usize,
+    /// Loop turns so far; a connection is advanced at most once per turn.
+    turn: u64,
+    /// The listener hit `ACCEPTS_PER_TURN` and may have more connections waiting.
+    accept_pending: bool,
 }
 
 impl EventLoop {
@@ -151,7 +162,8 @@ impl EventLoop {
             Duration::from_millis(250).min(self.worker.shared.config.handshake_timeout() / 2);
         let mut next_sweep = Instant::now() + tick;
         while !self.worker.shared.shutting_down() {
-            let timeout = if self.again.is_empty() && !self.inbox_pending {
+            self.turn += 1;
+            let timeout = if self.again.is_empty() && !self.inbox_pending && !self.accept_pending {
                 next_sweep.saturating_duration_since(Instant::now())
             } else {
                 Duration::ZERO
@@ -173,6 +185,9 @@ impl EventLoop {
             // producing for this worker cannot stop its reads for long.
             let defer = self.inbox_pending && self.deferred_turns < MAX_DEFERRED_TURNS;
             self.deferred_turns = if defer { self.deferred_turns + 1 } else { 0 };
+            if std::mem::take(&mut self.accept_pending) {
+                self.accept();
+            }
             if defer {
                 for event in events.iter() {
                     match event.token() {
@@ -216,7 +231,7 @@ impl EventLoop {
     }
 
     fn accept(&mut self) {
-        loop {
+        for _ in 0..ACCEPTS_PER_TURN {
             let (mut tcp, addr) = match self.worker.listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -300,6 +315,7 @@ impl EventLoop {
                 scrapes: Vec::new(),
                 last_full_scrape: None,
                 dirty: false,
+                advanced_turn: 0,
             });
             shared.liveness.opened(id, now);
             let m = self.metrics();
@@ -307,6 +323,7 @@ impl EventLoop {
             bump(&m.connections, 1);
             self.advance(slot, now);
         }
+        self.accept_pending = true;
     }
 
     fn release_ip(&self, counted: Option<std::net::IpAddr>) {
@@ -321,6 +338,11 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
+        // Once per turn: a slot both revisited and reported ready reads its budget once.
+        if conn.advanced_turn == self.turn {
+            return;
+        }
+        conn.advanced_turn = self.turn;
         if let State::Handshaking(_) = conn.state {
             let State::Handshaking(mid) = std::mem::replace(&mut conn.state, State::Gone) else {
                 return;
@@ -485,18 +507,19 @@ impl EventLoop {
         let handshake = config.handshake_timeout();
         let ping = Duration::from_secs(config.network.ping_interval_secs);
         let idle = Duration::from_secs(config.network.idle_timeout_secs);
-        let peer_timeout = Duration::from_secs(config.protocol.peer_timeout_secs);
-        let prune = now >= self.next_prune;
-        if prune {
-            self.next_prune = now + Duration::from_secs(10);
-        }
+        let record_timeout = Duration::from_secs(
+            config.protocol.peer_timeout_secs + config.protocol.clean_interval_secs,
+        );
+        // Expired swarm records are pruned a slice of the connections per tick (each one
+        // every PRUNE_SLICES ticks), so no tick pays for every record at once.
+        self.prune_slice = (self.prune_slice + 1) % PRUNE_SLICES;
         let mut to_close = Vec::new();
         let mut pinged = Vec::new();
         let mut timed_out = Vec::new();
         let mut memberships = 0;
         for (slot, conn) in self.conns.iter_mut() {
-            if prune {
-                conn.swarms.prune(now, peer_timeout);
+            if slot % PRUNE_SLICES == self.prune_slice {
+                conn.swarms.prune(now, record_timeout);
             }
             memberships += conn.swarms.len() as u64;
             if conn.scrapes.iter().any(|p| now >= p.deadline) {
@@ -586,6 +609,7 @@ impl EventLoop {
                 .requests
                 .try_send((conn.id, Request::Closed { peers }))
             {
+                bump(&m.closes_overflowed, 1);
                 let _ = lanes.closes.send(e.into_inner());
             }
         }

@@ -19,12 +19,11 @@ impl EventLoop {
         frame: impl Into<Utf8Bytes>,
     ) -> bool {
         let frame: Utf8Bytes = frame.into();
-        let m = &self.worker.shared.metrics.sockets[self.worker.index as usize];
-        bump(&m.messages_out[kind as usize], 1);
-        bump(&m.bytes_out, frame.len() as u64);
+        let len = frame.len() as u64;
         let Some(ws) = self.conns.get_mut(slot).and_then(|c| c.ws()) else {
             return false;
         };
+        // Counted once queued; a frame refused here closes its connection, counted there.
         match ws.write(Message::Text(frame)) {
             Ok(()) => {}
             // Kept in the buffer; the socket's next writable event flushes it.
@@ -39,6 +38,9 @@ impl EventLoop {
                 return false;
             }
         }
+        let m = &self.worker.shared.metrics.sockets[self.worker.index as usize];
+        bump(&m.messages_out[kind as usize], 1);
+        bump(&m.bytes_out, len);
         self.mark_dirty(slot);
         true
     }
