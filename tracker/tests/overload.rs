@@ -305,7 +305,7 @@ async fn closes_during_an_inbox_overflow_still_remove_every_peer() {
                     break;
                 }
                 i += 1;
-                if i % 64 == 0 {
+                if i.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }
