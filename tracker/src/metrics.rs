@@ -130,7 +130,7 @@ pub(crate) struct SocketMetrics {
     /// Replies nobody waits for any more: their connection closed, or their scrape was
     /// already answered (timed out, or another part was refused).
     pub(crate) replies_orphaned: AtomicU64,
-    /// Swarms the connections of this worker hold a peer in, as of the last sweep.
+    /// Peers (swarm, peer id pairs) the connections of this worker hold, as of the last sweep.
     pub(crate) memberships: AtomicU64,
     /// Full-scrape snapshots this worker rebuilt.
     pub(crate) full_scrape_rebuilds: AtomicU64,
@@ -340,7 +340,7 @@ impl Metrics {
         per_worker(
             &mut out,
             "tidepool_connection_swarms",
-            "Swarms the open connections hold a peer in (refreshed each sweep).",
+            "Peers (swarm, peer id pairs) the open connections hold (refreshed each sweep).",
             "gauge",
             &|s| s.memberships.load(Relaxed),
         );

@@ -1122,26 +1122,34 @@ mod tests {
         assert_eq!(s.owner(&InfoHash([1; 20]), &PeerId([1; 20])), Some(conn(3)));
     }
 
+    /// Peer 1 answers peer 2's offer.
+    fn answer_from_1_to_2() -> Request {
+        let Request::Announce(mut a) = announce_as(1, AnnounceEvent::None, None) else {
+            unreachable!()
+        };
+        a.answer = Some(AnswerPart {
+            to_peer_id: PeerId([2; 20]),
+            offer_id: OfferId::from_bytes20(&[9; 20]),
+            answer: r#"{"type":"answer","sdp":"y"}"#.into(),
+        });
+        Request::Announce(a)
+    }
+
     #[test]
     fn a_request_that_overtook_its_connections_close_leaves_but_never_joins() {
         let mut s = shard();
         let now = Instant::now();
         let mut out = Vec::new();
         let quiet = Quiet::default();
-        s.handle(
-            now,
-            conn(1),
-            announce_as(1, AnnounceEvent::Started, None),
-            &quiet,
-            &mut out,
-        );
-        s.handle(
-            now,
-            conn(2),
-            announce_as(2, AnnounceEvent::Started, None),
-            &quiet,
-            &mut out,
-        );
+        for p in [1, 2] {
+            s.handle(
+                now,
+                conn(p),
+                announce_as(p as u8, AnnounceEvent::Started, None),
+                &quiet,
+                &mut out,
+            );
+        }
         out.clear();
         // Connection 1 sent `stopped` and closed; its close notice, handled first, no longer
         // named peer 1. The stop still removes it.
@@ -1164,15 +1172,8 @@ mod tests {
         );
         assert_eq!(s.peer_count(), 1);
         // Its last answer still reaches the offerer.
-        let Request::Announce(mut a) = announce_as(1, AnnounceEvent::None, None) else {
-            unreachable!()
-        };
-        a.answer = Some(AnswerPart {
-            to_peer_id: PeerId([2; 20]),
-            offer_id: OfferId::from_bytes20(&[9; 20]),
-            answer: r#"{"type":"answer","sdp":"y"}"#.into(),
-        });
-        s.handle(now, conn(1), Request::Announce(a), &quiet, &mut out);
+        let a = answer_from_1_to_2();
+        s.handle(now, conn(1), a, &quiet, &mut out);
         assert_eq!(frames_for(&out, conn(2)), ["answer from 1"]);
         assert!(frames_for(&out, conn(1)).is_empty(), "nobody to reply to");
     }
@@ -1183,34 +1184,22 @@ mod tests {
         let now = Instant::now();
         let mut out = Vec::new();
         let quiet = Quiet::default();
-        s.handle(
-            now,
-            conn(1),
-            announce_as(1, AnnounceEvent::Started, None),
-            &quiet,
-            &mut out,
-        );
-        s.handle(
-            now,
-            conn(2),
-            announce_as(2, AnnounceEvent::Started, None),
-            &quiet,
-            &mut out,
-        );
+        for p in [1, 2] {
+            s.handle(
+                now,
+                conn(p),
+                announce_as(p as u8, AnnounceEvent::Started, None),
+                &quiet,
+                &mut out,
+            );
+        }
         quiet
             .0
             .borrow_mut()
             .push((conn(1), Duration::from_secs(60)));
         out.clear();
-        let Request::Announce(mut a) = announce_as(1, AnnounceEvent::None, None) else {
-            unreachable!()
-        };
-        a.answer = Some(AnswerPart {
-            to_peer_id: PeerId([2; 20]),
-            offer_id: OfferId::from_bytes20(&[9; 20]),
-            answer: r#"{"type":"answer","sdp":"y"}"#.into(),
-        });
-        s.handle(now, conn(3), Request::Announce(a), &quiet, &mut out);
+        let a = answer_from_1_to_2();
+        s.handle(now, conn(3), a, &quiet, &mut out);
         assert_eq!(frames_for(&out, conn(2)), ["answer from 1"], "routed");
         assert_eq!(
             s.owner(&InfoHash([1; 20]), &PeerId([1; 20])),

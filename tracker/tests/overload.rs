@@ -231,6 +231,12 @@ async fn a_pipelined_flood_past_the_inboxes_loses_no_offer_and_no_scrape_without
         )
     };
     let accepted = ROUNDS - announce_refused;
+    eprintln!(
+        "{accepted} announces accepted; dropped: {} offers, {} responses, {} scrape parts",
+        dropped("offer"),
+        dropped("announce_response"),
+        dropped("scrape_part")
+    );
     assert!(
         dropped("offer") + dropped("announce_response") > 0,
         "the inboxes never overflowed: {text}"
