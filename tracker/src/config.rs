@@ -275,7 +275,8 @@ impl Config {
             return fail("network.idle_timeout_secs must exceed network.ping_interval_secs");
         }
         if let Some(grace) = n.takeover_grace_secs
-            && (grace * 2 < n.ping_interval_secs * 3 || grace <= n.ping_interval_secs + 1)
+            && (grace.saturating_mul(2) < n.ping_interval_secs.saturating_mul(3)
+                || grace <= n.ping_interval_secs.saturating_add(1))
         {
             return fail(
                 "network.takeover_grace_secs must be at least 1.5 × network.ping_interval_secs and more than it + 1",
@@ -312,8 +313,56 @@ impl Config {
         if self.protocol.max_scrape_hashes == 0 || self.protocol.max_scrape_hashes > 256 {
             return fail("protocol.max_scrape_hashes must be 1..=256");
         }
-        if self.protocol.max_peer_ids_per_swarm == 0 {
-            return fail("protocol.max_peer_ids_per_swarm must be at least 1");
+        if self.protocol.max_peer_ids_per_swarm == 0 || self.protocol.max_peer_ids_per_swarm > 64 {
+            return fail("protocol.max_peer_ids_per_swarm must be 1..=64");
+        }
+        if self.protocol.max_swarms_per_connection > 65_536 {
+            return fail("protocol.max_swarms_per_connection must be at most 65536");
+        }
+        // Durations beyond a day are mistakes, and would overflow the clock arithmetic.
+        const DAY: u64 = 86_400;
+        let secs = [
+            ("network.ping_interval_secs", n.ping_interval_secs),
+            ("network.idle_timeout_secs", n.idle_timeout_secs),
+            (
+                "network.takeover_grace_secs",
+                n.takeover_grace_secs.unwrap_or(0),
+            ),
+            (
+                "network.handshake_timeout_ms",
+                n.handshake_timeout_ms / 1000,
+            ),
+            (
+                "protocol.peer_timeout_secs",
+                self.protocol.peer_timeout_secs,
+            ),
+            (
+                "protocol.clean_interval_secs",
+                self.protocol.clean_interval_secs,
+            ),
+            (
+                "protocol.full_scrape_interval_secs",
+                self.protocol.full_scrape_interval_secs,
+            ),
+            (
+                "workers.reply_timeout_ms",
+                self.workers.reply_timeout_ms / 1000,
+            ),
+            (
+                "access_list.reload_interval_secs",
+                self.access_list.reload_interval_secs,
+            ),
+        ];
+        if let Some((name, _)) = secs.iter().find(|(_, v)| *v > DAY) {
+            return Err(ConfigError::Invalid(format!(
+                "{name} must be at most one day"
+            )));
+        }
+        if n.ping_interval_secs == 0 {
+            return fail("network.ping_interval_secs must be at least 1");
+        }
+        if n.handshake_timeout_ms < 100 {
+            return fail("network.handshake_timeout_ms must be at least 100");
         }
         if self.protocol.max_swarms_per_connection == 0 {
             return fail("protocol.max_swarms_per_connection must be at least 1");
@@ -371,6 +420,15 @@ impl Config {
                     .max(n.ping_interval_secs + 2),
             ),
         )
+    }
+
+    /// How long a connection's record of a peer it holds outlives the peer's last announce:
+    /// past the peer timeout, a whole cleaning interval more than the swarm worker's next
+    /// cleaning can take (its cleanings drift by a batch), so the record never goes before
+    /// the peer does (a close in between would not name it).
+    pub(crate) fn membership_timeout(&self) -> Duration {
+        let p = &self.protocol;
+        Duration::from_secs(p.peer_timeout_secs + 2 * p.clean_interval_secs)
     }
 
     pub(crate) fn handshake_timeout(&self) -> Duration {

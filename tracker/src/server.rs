@@ -74,7 +74,7 @@ pub(crate) struct SwarmLanes {
     /// Close notices that found `requests` full: they must never be lost (lost ones would
     /// leave ghost peers owning their ids). Unbounded, but bounded by construction: one
     /// notice per closed connection per swarm worker, each naming at most
-    /// `max_swarms_per_connection` × `max_peer_ids_per_swarm` peers.
+    /// `max_swarms_per_connection` peers (the peers it held, which exist anyway).
     pub(crate) closes: Sender<(ConnId, Request)>,
 }
 
@@ -448,7 +448,8 @@ impl SwarmWorker {
             let wait = next_clean
                 .min(next_stats)
                 .saturating_duration_since(Instant::now())
-                .min(Duration::from_millis(500));
+                // Close notices on the overflow lane wake nobody: look at least this often.
+                .min(Duration::from_millis(100));
             // One blocking receiver: waiting on two channels at once (select) cost a futex
             // wake per request. Close notices come on the request lane too; only when it is
             // full do they take the close lane, and then this worker is busy and drains that
@@ -540,15 +541,16 @@ impl SwarmWorker {
                 // Never block on a socket worker (it may be blocked on us): a full inbox
                 // drops the reply, counted; the client sees a lost offer or a scrape timeout.
                 match self.to_sockets[w].try_send((conn, output)) {
-                    Ok(()) => wake[w] = true,
+                    // Woken at its first reply of the batch, so it drains while the rest
+                    // of a large batch is pushed, instead of sleeping until the end.
+                    Ok(()) if !std::mem::replace(&mut wake[w], true) => {
+                        let _ = self.wakers[w].wake();
+                    }
+                    Ok(()) => {}
                     Err(_) => bump(&m.dropped[kind as usize], 1),
                 }
             }
-            for (w, flag) in wake.iter_mut().enumerate() {
-                if std::mem::take(flag) {
-                    let _ = self.wakers[w].wake();
-                }
-            }
+            wake.fill(false);
         }
     }
 }

@@ -69,7 +69,8 @@ async fn swarms_left_by_silence_free_their_place_after_the_peer_timeout() {
     assert!(r["failure reason"].is_string(), "{r}");
     // The client stops announcing in those swarms (a torrent removed without `stopped`):
     // once their peers time out, the connection may join others.
-    tokio::time::sleep(Duration::from_millis(2600)).await;
+    // Records outlive the peer timeout by two cleaning intervals (1 + 2 × 1 s here).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     for i in 10..14 {
         let r = c.announce(&num_id(b'h', i), &me, json!({})).await;
         assert!(r["interval"].is_u64(), "{r}");
@@ -139,14 +140,12 @@ async fn many_peer_ids_from_one_socket_in_one_swarm_stay_a_few_peers() {
         ))
         .await;
     assert_eq!(watcher.recv().await["incomplete"], json!(3));
-    let mut to: Vec<String> = Vec::new();
+    // Two peers on that socket: two offers, no more.
     for _ in 0..2 {
         let offer = c.recv().await;
         assert_eq!(offer["peer_id"].as_str(), Some(num_id(b'w', 0).as_str()));
-        to.push(offer["offer_id"].as_str().unwrap_or_default().to_owned());
     }
     c.expect_silence(Duration::from_millis(300)).await;
-    assert_eq!(to.len(), 2);
     let text = wait_for_sample(&tracker, "tidepool_peers_replaced_total{shard=\"0\"}", 498).await;
     assert_eq!(sample(&text, "tidepool_leechers{shard=\"0\"}"), 3);
     // The two kept are the last two announced: announcing them again replaces nothing, and
@@ -211,13 +210,14 @@ async fn a_client_whose_network_changed_takes_its_peer_id_back_once_the_old_sock
     // The old socket: it announced, then its network went away (it reads and answers nothing).
     let mut old = Client::connect(&tracker.url()).await;
     old.announce(&h, &me, json!({"left": 0})).await;
+    // The old socket's last frame reached the tracker before this.
+    let started = Instant::now();
     let mut fresh = Client::connect(&tracker.url()).await;
     let r = fresh.announce(&h, &me, json!({"left": 0})).await;
     assert_eq!(
         r["failure reason"],
         "peer_id is in use by another connection"
     );
-    let started = Instant::now();
     let taken = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let r = fresh.announce(&h, &me, json!({"left": 0})).await;
@@ -288,6 +288,6 @@ async fn a_live_owner_that_answers_pings_cannot_be_hijacked() {
     let r = owner.announce(&h, &me, json!({})).await;
     assert_eq!(r["incomplete"], json!(1));
     let text = wait_for_sample(&tracker, "tidepool_peer_takeovers_total{shard=\"0\"}", 0).await;
-    assert!(sample(&text, "tidepool_errors_total{kind=\"peer_id_in_use\"}") >= 10);
+    assert!(sample(&text, "tidepool_errors_total{kind=\"peer_id_in_use\"}") >= tries);
     tracker.shutdown();
 }

@@ -136,7 +136,7 @@ async fn a_flood_of_full_scrapes_over_thousands_of_swarms_does_not_slow_a_bystan
         refused += r;
     }
     assert!(
-        worst < Duration::from_millis(300),
+        worst < Duration::from_millis(500),
         "bystander waited {worst:?}"
     );
     // At most one served per flooder per interval (2 s of flooding: 2-3 each), the rest
@@ -326,20 +326,37 @@ async fn closes_during_an_inbox_overflow_still_remove_every_peer() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // The leavers close while the inbox is full.
-    leavers.clear();
+    // The leavers close while the inbox is full; whether a notice finds it full at that
+    // instant is up to the scheduler, so more leavers join and close until one has.
+    let overflowed = "tidepool_close_notices_overflowed_total{worker=\"0\"}";
+    let mut closed = 0;
+    loop {
+        closed += leavers.len();
+        leavers.clear();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if sample(&http_get(&tracker, "/metrics").2, overflowed) > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no close notice ever found the inbox full"
+        );
+        for l in 0..10u32 {
+            let mut c = Client::connect(&url).await;
+            for h in &hashes[..5] {
+                while !c.announce(h, &num_id(b'm', l), json!({"left": 0})).await["interval"]
+                    .is_u64()
+                {}
+            }
+            leavers.push(c);
+        }
+    }
     let text = wait_for_sample(&tracker, "tidepool_seeders{shard=\"0\"}", 0).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sink = writer.await.expect("writer");
     drop(sink);
     reader.abort();
-    assert!(sample(&text, "tidepool_swarm_closes_total{shard=\"0\"}") >= 20);
-    assert!(
-        sample(
-            &text,
-            "tidepool_close_notices_overflowed_total{worker=\"0\"}"
-        ) > 0,
-        "no close notice found the inbox full; the test proved nothing: {text}"
-    );
+    assert!(sample(&text, "tidepool_swarm_closes_total{shard=\"0\"}") >= closed as u64);
+    assert!(sample(&text, overflowed) > 0);
     tracker.shutdown();
 }

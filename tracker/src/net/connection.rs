@@ -299,6 +299,15 @@ impl Memberships {
         if joined {
             // A further id in a swarm already joined: added while both bounds allow, else it
             // replaces this connection's least recently announced id there.
+            if swarm.len() < limits.max_ids && self.held.len() >= limits.max_swarms {
+                self.prune(now, limits.timeout);
+            }
+            let swarm = self.swarm(&info_hash);
+            if swarm.is_empty() {
+                // Every id this connection had there expired.
+                self.insert(new);
+                return Ok(Change::Joined);
+            }
             if swarm.len() < limits.max_ids && self.held.len() < limits.max_swarms {
                 self.insert(new);
                 return Ok(Change::Added);
@@ -347,15 +356,25 @@ impl Memberships {
         }
     }
 
-    /// Drops records silent past `timeout` (their peers have timed out in the swarms), at
-    /// most once a second.
-    pub(super) fn prune(&mut self, now: Instant, timeout: Duration) {
+    /// Drops records silent past `timeout` when an announce finds the connection at its
+    /// limit, at most once a second (a client at its limit cannot make every announce a
+    /// scan of a thousand records).
+    fn prune(&mut self, now: Instant, timeout: Duration) {
         if now.saturating_duration_since(self.pruned_at) < Duration::from_secs(1) {
             return;
         }
         self.pruned_at = now;
+        self.expire(now, timeout);
+    }
+
+    /// Drops records silent past `timeout` (their peers have timed out in the swarms), and
+    /// gives back memory a connection no longer needs (one that once held a thousand).
+    pub(super) fn expire(&mut self, now: Instant, timeout: Duration) {
         self.held
             .retain(|h| now.saturating_duration_since(h.last_seen) <= timeout);
+        if self.held.len() < self.held.capacity() / 4 {
+            self.held.shrink_to(self.held.len() * 2);
+        }
     }
 
     /// Every (swarm, peer id) held, for the close notice.

@@ -120,6 +120,7 @@ impl SocketWorker {
             prune_slice: 0,
             turn: 0,
             accept_pending: false,
+            accept_on_sweep: false,
         }
         .run()
     }
@@ -149,6 +150,8 @@ struct EventLoop {
     turn: u64,
     /// The listener hit `ACCEPTS_PER_TURN` and may have more connections waiting.
     accept_pending: bool,
+    /// Accepting failed (e.g. out of descriptors); connections may be waiting.
+    accept_on_sweep: bool,
 }
 
 impl EventLoop {
@@ -217,6 +220,9 @@ impl EventLoop {
             if now >= next_sweep {
                 self.sweep(now);
                 next_sweep = now + tick;
+                if std::mem::take(&mut self.accept_on_sweep) {
+                    self.accept();
+                }
             }
             self.flush_dirty();
         }
@@ -236,7 +242,10 @@ impl EventLoop {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
+                    // Out of descriptors, say: the listener will not report the waiting
+                    // connections again by itself, so try again at the next sweep.
                     tracing::warn!(worker = self.worker.index, "accept failed: {e}");
+                    self.accept_on_sweep = true;
                     return;
                 }
             };
@@ -507,9 +516,7 @@ impl EventLoop {
         let handshake = config.handshake_timeout();
         let ping = Duration::from_secs(config.network.ping_interval_secs);
         let idle = Duration::from_secs(config.network.idle_timeout_secs);
-        let record_timeout = Duration::from_secs(
-            config.protocol.peer_timeout_secs + config.protocol.clean_interval_secs,
-        );
+        let record_timeout = config.membership_timeout();
         // Expired swarm records are pruned a slice of the connections per tick (each one
         // every PRUNE_SLICES ticks), so no tick pays for every record at once.
         self.prune_slice = (self.prune_slice + 1) % PRUNE_SLICES;
@@ -519,7 +526,7 @@ impl EventLoop {
         let mut memberships = 0;
         for (slot, conn) in self.conns.iter_mut() {
             if slot % PRUNE_SLICES == self.prune_slice {
-                conn.swarms.prune(now, record_timeout);
+                conn.swarms.expire(now, record_timeout);
             }
             memberships += conn.swarms.len() as u64;
             if conn.scrapes.iter().any(|p| now >= p.deadline) {

@@ -144,7 +144,7 @@ impl EventLoop {
         let limits = MembershipLimits {
             max_swarms: p.max_swarms_per_connection,
             max_ids: p.max_peer_ids_per_swarm,
-            timeout: Duration::from_secs(p.peer_timeout_secs + p.clean_interval_secs),
+            timeout: self.worker.shared.config.membership_timeout(),
         };
         let shard = self.shard_of(&a.info_hash);
         let Some(conn) = self.conns.get_mut(slot) else {
