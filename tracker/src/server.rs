@@ -428,6 +428,8 @@ struct SwarmWorker {
     shared: Arc<Shared>,
 }
 
+/// Replies pushed to one socket worker between two wakes of it, within a batch.
+const WAKE_EVERY: usize = 1024;
 /// Requests handled per batch before the outputs are delivered.
 const REQUESTS_PER_BATCH: usize = 1024;
 
@@ -440,7 +442,7 @@ impl SwarmWorker {
         let publish_top = shared.config.metrics.listen.is_some();
         let full_scrape = shared.config.protocol.full_scrape;
         let mut out = Vec::new();
-        let mut wake = vec![false; self.to_sockets.len()];
+        let mut unwoken = vec![0usize; self.to_sockets.len()];
         let mut next_clean = Instant::now() + clean_interval;
         let mut next_stats = Instant::now();
         let mut next_full_scrape = Instant::now();
@@ -541,16 +543,24 @@ impl SwarmWorker {
                 // Never block on a socket worker (it may be blocked on us): a full inbox
                 // drops the reply, counted; the client sees a lost offer or a scrape timeout.
                 match self.to_sockets[w].try_send((conn, output)) {
-                    // Woken at its first reply of the batch, so it drains while the rest
-                    // of a large batch is pushed, instead of sleeping until the end.
-                    Ok(()) if !std::mem::replace(&mut wake[w], true) => {
-                        let _ = self.wakers[w].wake();
+                    Ok(()) => {
+                        unwoken[w] += 1;
+                        // A large batch wakes its socket worker every WAKE_EVERY replies, so
+                        // it drains while the rest is pushed instead of overflowing asleep.
+                        if unwoken[w] >= WAKE_EVERY {
+                            unwoken[w] = 0;
+                            let _ = self.wakers[w].wake();
+                        }
                     }
-                    Ok(()) => {}
                     Err(_) => bump(&m.dropped[kind as usize], 1),
                 }
             }
-            wake.fill(false);
+            // And once the batch is out, for whatever came after the last wake.
+            for (w, pending) in unwoken.iter_mut().enumerate() {
+                if std::mem::take(pending) > 0 {
+                    let _ = self.wakers[w].wake();
+                }
+            }
         }
     }
 }
