@@ -22,6 +22,8 @@ fn main() -> anyhow::Result<()> {
     config.network.max_frame_size = 16 << 20;
     config.network.max_outgoing_queue = 128 << 20;
     config.network.read_buffer_size = 64 << 10;
+    // The channels to swarm workers must hold two of the largest messages (echo uses none).
+    config.workers.channel_bytes = 128 << 20;
     // The cases send thousands of frames back to back.
     config.network.max_messages_per_second = 0;
     let tracker = Tracker::start_echo(config)?;
