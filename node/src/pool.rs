@@ -596,6 +596,20 @@ fn on_event(inner: &Arc<Inner>, event: Event) {
 /// Queues for `peer` the chunks of `wanted` this node holds, and returns them. Asked for
 /// the origin, only a complete copy answers (a partial one leaves it to the relay path). A
 /// full queue drops the work; the requester re-asks when it stalls.
+/// Every chunk of `file_id`, when this node knows the file (held, downloading or offered to
+/// it): all a request may name. Chunks past the end (a peer asking for 0..u32::MAX, say)
+/// would otherwise have the serving loop walk four billion indexes under the state lock,
+/// and be forwarded to other peers.
+fn existing_chunks(st: &State, file_id: &FileId) -> Option<ChunkRanges> {
+    let meta = st
+        .complete
+        .get(file_id)
+        .map(|f| f.meta())
+        .or_else(|| st.active.get(file_id).map(|a| a.part.meta()))
+        .or_else(|| st.catalog.get(file_id))?;
+    meta.chunk_count().ok().map(ChunkRanges::full)
+}
+
 fn serve_held(
     inner: &Arc<Inner>,
     st: &mut State,
@@ -858,13 +872,16 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
             request_id,
             requester,
             file_id,
-            requested,
+            mut requested,
             promised,
             from_origin,
             hops_left,
         } => {
             tracing::debug!(?peer, request_id, ?requested, hops_left, "file request");
             let mut st = inner.state();
+            if let Some(all) = existing_chunks(&st, &file_id) {
+                requested = requested.intersection(&all);
+            }
             let held = serve_held(
                 inner,
                 &mut st,
@@ -908,9 +925,12 @@ fn on_control(inner: &Arc<Inner>, peer: PeerId, msg: PoolMessage) {
         PoolMessage::ChunksMissing {
             request_id,
             file_id,
-            missing,
+            mut missing,
         } => {
             let mut st = inner.state();
+            if let Some(all) = existing_chunks(&st, &file_id) {
+                missing = missing.intersection(&all);
+            }
             let held = serve_held(inner, &mut st, peer, file_id, request_id, &missing, false);
             let rest = missing.difference(&held);
             if rest.is_empty() {

@@ -452,3 +452,103 @@ async fn a_super_seeding_seeder_sends_no_chunk_twice_in_its_first_copy_and_every
     assert_eq!(seeder.uploaded().served_distinct_bytes, total);
     tracker.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_chunks_past_the_end_of_a_file_is_clipped_and_the_sharer_keeps_serving() {
+    use tidepool_node::{Channel, Event};
+    use tidepool_protocol::pool::{ChunkRanges, PoolMessage};
+    let _serial = one_at_a_time().await;
+    // A node pinned by such a request can starve this runtime's timers: a watchdog thread
+    // fails the test instead of letting it hang.
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::spawn({
+        let finished = finished.clone();
+        move || {
+            let start = std::time::Instant::now();
+            while !finished.load(std::sync::atomic::Ordering::Relaxed) {
+                if start.elapsed() > Duration::from_secs(120) {
+                    // Its own handle on stderr and an abort: a pinned process may hold the
+                    // locks that printing and a normal exit take.
+                    if let Ok(mut err) = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open("/proc/self/fd/2")
+                    {
+                        use std::io::Write;
+                        let _ = err.write_all(
+                            b"a request past the end of a file pinned the sharer for 120 s\n",
+                        );
+                    }
+                    std::process::abort();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    let tracker = tracker();
+    let dir = temp("past-end");
+    // Four 64 KiB chunks.
+    let source = random_file(&dir, 256 * 1024);
+    let sharer = pool(node_config(&tracker, "past-end"), pool_config()).await;
+    let id = sharer.share(&source).expect("shares");
+    // A hostile peer speaking the pool protocol by hand: it asks for chunks 0..u32::MAX.
+    let raw = Node::join(node_config(&tracker, "past-end"))
+        .await
+        .expect("joins");
+    let peer = tokio::time::timeout(WAIT, async {
+        loop {
+            match raw.next_event().await {
+                Some(Event::PeerConnected { peer }) => return peer,
+                Some(_) => continue,
+                None => panic!("node stopped"),
+            }
+        }
+    })
+    .await
+    .expect("connected to the sharer");
+    let mut frame = Vec::new();
+    PoolMessage::FileRequest {
+        request_id: 1,
+        requester: raw.peer_id(),
+        file_id: id,
+        requested: ChunkRanges::from_range(0..u32::MAX),
+        promised: ChunkRanges::new(),
+        from_origin: false,
+        hops_left: 3,
+    }
+    .encode(&mut frame);
+    raw.send(peer, Channel::Control, &frame)
+        .await
+        .expect("request sent");
+    // It gets the file's four chunks and no more.
+    let mut chunks = 0;
+    let (quiet, deadline) = (Duration::from_secs(3), tokio::time::Instant::now() + WAIT);
+    while let Ok(Some(event)) = tokio::time::timeout(quiet, raw.next_event()).await {
+        if let Event::Message {
+            channel: Channel::Chunks,
+            ..
+        } = event
+        {
+            chunks += 1;
+        }
+        // Unclipped, the sharer would go on past the end (or never answer at all).
+        if chunks > 4 || tokio::time::Instant::now() > deadline {
+            break;
+        }
+    }
+    assert_eq!(chunks, 4, "one message per chunk of the file");
+    // And the sharer still serves everyone else at once.
+    let downloader = pool(node_config(&tracker, "past-end"), pool_config()).await;
+    let target = dir.join("copy.bin");
+    let download = start_get(&downloader, id, &target).await;
+    let path = tokio::time::timeout(WAIT, download.finished())
+        .await
+        .expect("served in time")
+        .expect("verified");
+    assert_eq!(
+        std::fs::read(path).expect("read"),
+        std::fs::read(&source).expect("read")
+    );
+    tracker.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+    finished.store(true, std::sync::atomic::Ordering::Relaxed);
+}
