@@ -1122,6 +1122,17 @@ mod tests {
         assert_eq!(s.owner(&InfoHash([1; 20]), &PeerId([1; 20])), Some(conn(3)));
     }
 
+    /// A shard where peers 1 and 2 (on connections 1 and 2) announced.
+    fn two_live_peers(now: Instant, quiet: &Quiet) -> Shard {
+        let mut s = shard();
+        let mut out = Vec::new();
+        for p in [1, 2] {
+            let started = announce_as(p as u8, AnnounceEvent::Started, None);
+            s.handle(now, conn(p), started, quiet, &mut out);
+        }
+        s
+    }
+
     /// Peer 1 answers peer 2's offer.
     fn answer_from_1_to_2() -> Request {
         let Request::Announce(mut a) = announce_as(1, AnnounceEvent::None, None) else {
@@ -1137,19 +1148,10 @@ mod tests {
 
     #[test]
     fn a_request_that_overtook_its_connections_close_leaves_but_never_joins() {
-        let mut s = shard();
         let now = Instant::now();
         let mut out = Vec::new();
         let quiet = Quiet::default();
-        for p in [1, 2] {
-            s.handle(
-                now,
-                conn(p),
-                announce_as(p as u8, AnnounceEvent::Started, None),
-                &quiet,
-                &mut out,
-            );
-        }
+        let mut s = two_live_peers(now, &quiet);
         out.clear();
         // Connection 1 sent `stopped` and closed; its close notice, handled first, no longer
         // named peer 1. The stop still removes it.
@@ -1180,19 +1182,10 @@ mod tests {
 
     #[test]
     fn an_answer_never_takes_over_a_silent_owners_id() {
-        let mut s = shard();
         let now = Instant::now();
         let mut out = Vec::new();
         let quiet = Quiet::default();
-        for p in [1, 2] {
-            s.handle(
-                now,
-                conn(p),
-                announce_as(p as u8, AnnounceEvent::Started, None),
-                &quiet,
-                &mut out,
-            );
-        }
+        let mut s = two_live_peers(now, &quiet);
         quiet
             .0
             .borrow_mut()
