@@ -56,6 +56,19 @@ fn pool_config() -> PoolConfig {
     p
 }
 
+/// Waits for `download` to finish verified (`what` names the failure) and checks its bytes
+/// equal `source`'s.
+async fn finishes_identical(download: tidepool_node::pool::Download, source: &Path, what: &str) {
+    let path = tokio::time::timeout(WAIT, download.finished())
+        .await
+        .expect("finishes in time")
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        std::fs::read(path).expect("read"),
+        std::fs::read(source).expect("read")
+    );
+}
+
 /// Starts a download, failing the test if no offer of the file arrives in time.
 async fn start_get(
     pool: &Pool,
@@ -136,14 +149,7 @@ async fn a_peer_sending_corrupted_chunks_is_dropped_and_the_file_still_verifies(
     // An honest holder appears; the download completes and verifies.
     let honest = pool(node_config(&tracker, "corrupt"), pool_config()).await;
     assert_eq!(honest.share(&source).expect("shares"), id);
-    let path = tokio::time::timeout(WAIT, download.finished())
-        .await
-        .expect("in time")
-        .expect("verified despite the liar");
-    assert_eq!(
-        std::fs::read(path).expect("read"),
-        std::fs::read(&source).expect("read")
-    );
+    finishes_identical(download, &source, "verified despite the liar").await;
     tracker.shutdown();
 }
 
@@ -179,14 +185,7 @@ async fn a_download_stopped_halfway_resumes_from_its_part_file() {
         "resumed with {resumed_from} of {total}"
     );
     let progress = download.progress.clone();
-    let path = tokio::time::timeout(WAIT, download.finished())
-        .await
-        .expect("in time")
-        .expect("verified");
-    assert_eq!(
-        std::fs::read(path).expect("read"),
-        std::fs::read(&source).expect("read")
-    );
+    finishes_identical(download, &source, "verified").await;
     let fetched = progress.borrow().received_bytes;
     assert!(
         fetched < total,
@@ -302,14 +301,7 @@ async fn a_downloader_with_no_holder_among_its_neighbours_fetches_through_a_rela
         .expect("the relay passes the offer on")
         .expect("starts");
     let progress = download.progress.clone();
-    let path = tokio::time::timeout(WAIT, download.finished())
-        .await
-        .expect("in time")
-        .expect("verified");
-    assert_eq!(
-        std::fs::read(path).expect("read"),
-        std::fs::read(&source).expect("read")
-    );
+    finishes_identical(download, &source, "verified").await;
     let p = progress.borrow().clone();
     assert!(
         p.received_bytes as f64 <= 1.05 * p.total_bytes as f64,
@@ -327,14 +319,7 @@ async fn a_downloader_with_no_holder_among_its_neighbours_fetches_through_a_rela
     let second = pool(cfg(1), pool_config()).await;
     let target = dir.join("second.bin");
     let download = start_get(&second, id, &target).await;
-    let path = tokio::time::timeout(WAIT, download.finished())
-        .await
-        .expect("in time")
-        .expect("verified from the cache");
-    assert_eq!(
-        std::fs::read(path).expect("read"),
-        std::fs::read(&source).expect("read")
-    );
+    finishes_identical(download, &source, "verified from the cache").await;
     assert!(relay.uploaded().served_bytes >= p.total_bytes);
     tracker.shutdown();
 }
@@ -540,14 +525,7 @@ async fn a_request_for_chunks_past_the_end_of_a_file_is_clipped_and_the_sharer_k
     let downloader = pool(node_config(&tracker, "past-end"), pool_config()).await;
     let target = dir.join("copy.bin");
     let download = start_get(&downloader, id, &target).await;
-    let path = tokio::time::timeout(WAIT, download.finished())
-        .await
-        .expect("served in time")
-        .expect("verified");
-    assert_eq!(
-        std::fs::read(path).expect("read"),
-        std::fs::read(&source).expect("read")
-    );
+    finishes_identical(download, &source, "verified").await;
     tracker.shutdown();
     let _ = std::fs::remove_dir_all(dir);
     finished.store(true, std::sync::atomic::Ordering::Relaxed);
