@@ -14,7 +14,10 @@
 //! - `stream`: [`PeerStream`], a channel as `AsyncRead` + `AsyncWrite`.
 //! - [`fetch`]: the sans-IO core of one download (which chunks from which source, stalls,
 //!   chunks-missing, origin fallback, giving up), for the chunk pipeline.
-//! - [`pool`]: the chunk pipeline's I/O shell ([`pool::Pool`]: share and get files).
+//! - [`pool`]: the chunk pipeline: [`pool::PoolEngine`], its sans-IO core (neighbours,
+//!   gossip, relays, promises, serving), [`pool::Pool`], the thin async driver that shares
+//!   and gets files, its disk thread, and [`pool::sim`], a deterministic simulator of
+//!   whole pools.
 //! - [`store`]: shared files with their hash trees, and downloads verified chunk by chunk
 //!   into `NAME.part` with a resumable state file.
 //! - [`cache`]: the relay cache, chunks passed on for others kept on disk within a budget.

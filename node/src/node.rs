@@ -55,6 +55,9 @@ pub(crate) struct Inner {
     pub(crate) runtime: Arc<BufferedRuntime>,
     pub(crate) core_tx: mpsc::UnboundedSender<CoreMsg>,
     pub(crate) events_tx: mpsc::Sender<Event>,
+    /// Connects, disconnects and tracker changes: never dropped, so they have a lane of
+    /// their own (a few per connection's life, bounded by the connection churn).
+    pub(crate) lifecycle_tx: mpsc::UnboundedSender<Event>,
     pub(crate) table: Mutex<Table>,
     pub(crate) streams: Mutex<HashMap<(PeerId, Channel), mpsc::Sender<crate::stream::Item>>>,
     pub(crate) next_link_id: AtomicU64,
@@ -113,7 +116,7 @@ impl Inner {
 #[derive(Debug)]
 pub struct Node {
     inner: Arc<Inner>,
-    events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+    events: tokio::sync::Mutex<(mpsc::Receiver<Event>, mpsc::UnboundedReceiver<Event>)>,
 }
 
 impl Node {
@@ -123,10 +126,12 @@ impl Node {
         config.validate()?;
         let (core_tx, core_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::channel(config.event_queue);
+        let (lifecycle_tx, lifecycle_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             runtime: Arc::new(BufferedRuntime::new(config.udp_socket_buffer)),
             core_tx,
             events_tx,
+            lifecycle_tx,
             table: Mutex::new(Table::default()),
             streams: Mutex::new(HashMap::new()),
             next_link_id: AtomicU64::new(1),
@@ -177,7 +182,7 @@ impl Node {
         tokio::spawn(core.run(core_rx));
         Ok(Node {
             inner,
-            events: tokio::sync::Mutex::new(events_rx),
+            events: tokio::sync::Mutex::new((events_rx, lifecycle_rx)),
         })
     }
 
@@ -194,7 +199,15 @@ impl Node {
     /// The next event, or `None` after [`Node::leave`]. Taking a message that asked for a
     /// delivery receipt sends that receipt.
     pub async fn next_event(&self) -> Option<Event> {
-        let event = self.events.lock().await.recv().await?;
+        let mut lanes = self.events.lock().await;
+        let (messages, lifecycle) = &mut *lanes;
+        // Lifecycle first: a peer's connect is seen before any message that came after it.
+        let event = tokio::select! {
+            biased;
+            Some(e) = lifecycle.recv() => Some(e),
+            e = messages.recv() => e,
+        }?;
+        drop(lanes);
         if let Event::Message {
             peer,
             id,
@@ -448,10 +461,9 @@ impl Core {
     }
 
     fn emit(&self, event: Event) {
-        // Lifecycle events must not block the core; a full queue drops them with a warning.
-        if self.inner.events_tx.try_send(event).is_err() {
-            tracing::warn!("event queue full; dropped a lifecycle event");
-        }
+        // Lifecycle events never block the core and are never dropped: a lost
+        // disconnect would leave a dead peer in the application's state.
+        let _ = self.inner.lifecycle_tx.send(event);
     }
 
     fn handle(&mut self, msg: CoreMsg) {

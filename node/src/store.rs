@@ -122,6 +122,11 @@ impl SharedFile {
         self.meta.file_id()
     }
 
+    /// Flushes the file to stable storage.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.file.sync_all().map_err(io_err(&self.path))
+    }
+
     /// Chunk `index` and its proof.
     pub fn read_chunk(&self, index: u32) -> Result<ProvenChunk, StoreError> {
         let len = self.meta.chunk_len(index)?;
@@ -151,15 +156,16 @@ pub struct PartialFile {
     target: PathBuf,
     meta: FileMeta,
     have: ChunkRanges,
-    /// Proofs of the chunks received in this run, so they can be served onward.
-    proofs: std::collections::HashMap<u32, Vec<Hash>>,
-    /// The chunks `proofs` covers: what this download can serve.
+    /// The chunks whose proofs are in `NAME.part.proofs` and verified: what this download
+    /// can serve.
     servable: ChunkRanges,
-    /// `NAME.part.proofs`: the proofs of the chunks written, appended with each state save,
-    /// so a resumed download can serve what it already holds.
-    proof_log: PathBuf,
-    /// Chunks written whose proofs are not in the log yet.
-    unlogged: Vec<u32>,
+    /// `NAME.part.proofs`: one fixed-size slot per chunk (`[n u8][n × 32-byte hash]`),
+    /// written with the chunk, so proofs stay on disk whatever the file's size and a
+    /// resumed download can serve what it already holds.
+    proofs: File,
+    proof_path: PathBuf,
+    /// Bytes per slot: room for the longest proof of this file.
+    slot: u64,
     /// Chunks written since the state was last saved.
     unsaved: bool,
     last_save: Instant,
@@ -186,7 +192,17 @@ impl PartialFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => ChunkRanges::new(),
             Err(e) => return Err(io_err(&state)(e)),
         };
-        let proof_log = with_suffix(target, ".part.proofs");
+        let proof_path = with_suffix(target, ".part.proofs");
+        let proofs = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(have.is_empty())
+            .open(&proof_path)
+            .map_err(io_err(&proof_path))?;
+        let count = meta.chunk_count()?;
+        // Chunk 0 has a sibling on every level: its proof is the longest.
+        let depth = tidepool_protocol::pool::tree::proof_len(count, 0);
         let mut f = Self {
             file,
             part,
@@ -194,36 +210,26 @@ impl PartialFile {
             target: target.to_owned(),
             meta: meta.clone(),
             have,
-            proofs: Default::default(),
             servable: ChunkRanges::new(),
-            proof_log,
-            unlogged: Vec::new(),
+            proofs,
+            proof_path,
+            slot: 1 + 32 * depth as u64,
             unsaved: false,
             last_save: Instant::now(),
         };
-        f.load_proofs()?;
+        f.load_proofs();
         Ok(f)
     }
 
-    /// Takes back the proofs a previous run logged for chunks still held, each checked
-    /// against the chunk on disk (a torn or stale entry is skipped, never served).
-    fn load_proofs(&mut self) -> Result<(), StoreError> {
-        let bytes = match std::fs::read(&self.proof_log) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err(&self.proof_log)(e)),
-        };
-        if self.have.is_empty() {
-            // A fresh start: whatever is logged belongs to chunks no longer recorded.
-            let _ = std::fs::remove_file(&self.proof_log);
-            return Ok(());
-        }
-        let mut rest = &bytes[..];
-        while let Some((index, proof, tail)) = parse_proof_entry(rest) {
-            rest = tail;
-            if !self.have.contains(index) || self.proofs.contains_key(&index) {
+    /// Takes back the proofs a previous run wrote for chunks still held, each checked
+    /// against the chunk on disk (a torn or stale slot is skipped, never served). Reads
+    /// every held chunk once: callers run this off their event loop.
+    fn load_proofs(&mut self) {
+        let held: Vec<u32> = self.have.iter().collect();
+        for index in held {
+            let Some(proof) = self.read_proof(index) else {
                 continue;
-            }
+            };
             let Ok(len) = self.meta.chunk_len(index) else {
                 continue;
             };
@@ -232,11 +238,24 @@ impl PartialFile {
             if self.file.read_exact_at(&mut data, offset).is_ok()
                 && self.meta.verify_chunk(index, &data, &proof).is_ok()
             {
-                self.proofs.insert(index, proof);
                 self.servable.insert(index..index + 1);
             }
         }
-        Ok(())
+    }
+
+    fn read_proof(&self, index: u32) -> Option<Vec<Hash>> {
+        let mut slot = vec![0u8; self.slot as usize];
+        self.proofs
+            .read_exact_at(&mut slot, u64::from(index) * self.slot)
+            .ok()?;
+        let (&n, mut rest) = slot.split_first()?;
+        let mut proof = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            let (h, tail) = rest.split_first_chunk::<32>()?;
+            proof.push(*h);
+            rest = tail;
+        }
+        Some(proof)
     }
 
     /// Chunks on disk (verified when they arrived).
@@ -280,18 +299,29 @@ impl PartialFile {
         self.file
             .write_all_at(data, offset)
             .map_err(io_err(&self.part))?;
+        let mut slot = Vec::with_capacity(self.slot as usize);
+        slot.push(proof.len() as u8);
+        for h in proof {
+            slot.extend_from_slice(h);
+        }
+        if slot.len() as u64 <= self.slot {
+            self.proofs
+                .write_all_at(&slot, u64::from(index) * self.slot)
+                .map_err(io_err(&self.proof_path))?;
+            self.servable.insert(index..index + 1);
+        }
         self.have.insert(index..index + 1);
-        self.proofs.insert(index, proof.to_vec());
-        self.servable.insert(index..index + 1);
-        self.unlogged.push(index);
         self.unsaved = true;
         self.save_state_if_due()?;
         Ok(true)
     }
 
-    /// Chunk `index` and its proof, if held and received in this run.
+    /// Chunk `index` and its proof, if held with a verified proof.
     pub fn read_chunk(&self, index: u32) -> Result<Option<ProvenChunk>, StoreError> {
-        let Some(proof) = self.proofs.get(&index) else {
+        if !self.servable.contains(index) {
+            return Ok(None);
+        }
+        let Some(proof) = self.read_proof(index) else {
             return Ok(None);
         };
         let mut data = vec![0u8; self.meta.chunk_len(index)?];
@@ -299,7 +329,7 @@ impl PartialFile {
         self.file
             .read_exact_at(&mut data, offset)
             .map_err(io_err(&self.part))?;
-        Ok(Some((data, proof.clone())))
+        Ok(Some((data, proof)))
     }
 
     /// Records the held set if chunks arrived since it was last saved and the interval has
@@ -324,30 +354,12 @@ impl PartialFile {
         // Nothing left to record: the drop below must not write the state back.
         self.unsaved = false;
         let _ = std::fs::remove_file(&self.state);
-        let _ = std::fs::remove_file(&self.proof_log);
+        let _ = std::fs::remove_file(&self.proof_path);
         Ok(self.target.clone())
     }
 
     /// Writes the held set next to the data, atomically (temp file + rename).
     fn save_state(&mut self) -> Result<(), StoreError> {
-        if !self.unlogged.is_empty() {
-            let mut entries = Vec::new();
-            for index in self.unlogged.drain(..) {
-                if let Some(proof) = self.proofs.get(&index) {
-                    entries.extend_from_slice(&index.to_le_bytes());
-                    entries.push(proof.len() as u8);
-                    for h in proof {
-                        entries.extend_from_slice(h);
-                    }
-                }
-            }
-            let mut log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.proof_log)
-                .map_err(io_err(&self.proof_log))?;
-            io::Write::write_all(&mut log, &entries).map_err(io_err(&self.proof_log))?;
-        }
         let mut bytes = STATE_MAGIC.to_vec();
         bytes.extend_from_slice(&self.meta.file_id().0);
         self.have.encode(&mut bytes);
@@ -369,23 +381,6 @@ impl Drop for PartialFile {
             tracing::warn!("saving download state: {e}");
         }
     }
-}
-
-/// One proof-log entry: `[index u32 LE][n u8][n × 32-byte hash]`; None at the end or at a
-/// torn entry.
-fn parse_proof_entry(bytes: &[u8]) -> Option<(u32, Vec<Hash>, &[u8])> {
-    let (index, rest) = bytes.split_first_chunk::<4>()?;
-    let (&n, mut rest) = rest.split_first()?;
-    if n > 32 {
-        return None;
-    }
-    let mut proof = Vec::with_capacity(usize::from(n));
-    for _ in 0..n {
-        let (h, tail) = rest.split_first_chunk::<32>()?;
-        proof.push(*h);
-        rest = tail;
-    }
-    Some((u32::from_le_bytes(*index), proof, rest))
 }
 
 fn parse_state(bytes: &[u8], meta: &FileMeta) -> Option<ChunkRanges> {
@@ -476,7 +471,7 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_proof_log_costs_only_the_damaged_entries() {
+    fn a_damaged_proof_file_costs_only_the_damaged_slots() {
         let dir = temp("prooflog");
         let src = dir.join("source.bin");
         let data: Vec<u8> = (0..40_000u32).map(|i| (i * 13 % 251) as u8).collect();
@@ -489,19 +484,23 @@ mod tests {
             let (d, p) = shared.read_chunk(i).expect("read");
             part.write_chunk(i, &d, &p).expect("verified");
         }
+        let slot = part.slot as usize;
         drop(part);
         let log = dir.join("copy.bin.part.proofs");
-        let mut bytes = std::fs::read(&log).expect("logged");
-        // Entries are [index][n][n hashes]; flip a byte in the first entry's first hash
-        // and tear the last entry.
-        bytes[5] ^= 0xff;
+        let mut bytes = std::fs::read(&log).expect("written");
+        assert_eq!(bytes.len(), 4 * slot, "one fixed slot per chunk");
+        // Slots are [n][n hashes]: flip a byte in chunk 0's first hash, tear chunk 3's.
+        bytes[1] ^= 0xff;
         bytes.truncate(bytes.len() - 3);
         std::fs::write(&log, &bytes).expect("write");
         let part = PartialFile::open(&target, &meta).expect("resume");
         assert_eq!(part.have(), &ChunkRanges::full(4));
-        let first = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
-        assert!(!part.servable().contains(first), "bad proof not taken");
-        assert_eq!(part.servable().len(), 2, "{:?}", part.servable());
+        assert_eq!(
+            part.servable(),
+            &ChunkRanges::from_range(1..3),
+            "bad proofs not taken"
+        );
+        assert!(part.read_chunk(0).expect("read").is_none());
     }
 
     #[test]

@@ -1,0 +1,922 @@
+//! The pool as a sans-IO state machine (quinn-proto / str0m style): the I/O shell feeds it
+//! [`Input`]s with the time — neighbours coming and going, pool messages, disk completions,
+//! chunks handed to a channel — and calls [`PoolEngine::handle_timeout`] at
+//! [`PoolEngine::poll_timeout`]; it answers with [`Output`]s taken by
+//! [`PoolEngine::poll_output`]: messages and chunks to send, disk jobs, disconnects and
+//! events for the application. No tokio, no filesystem, no lock; deterministic for a seed.
+//!
+//! Where things live: this file holds the types, the dispatch, neighbours coming and going
+//! and the timer; `requests.rs` answers control messages (offers, requests, chunks-missing,
+//! cancels, Unavailable: gossip, serving, promising, relaying); `serve.rs` moves chunks
+//! (arrivals, disk completions, the per-neighbour send pump); `neighbour.rs`, `gossip.rs`
+//! and `relay.rs` hold the bounded state; [`crate::fetch`] decides what to ask whom.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tidepool_protocol::PeerId;
+use tidepool_protocol::pool::{ChunkRanges, FileId, FileMeta, Hash, PoolMessage};
+
+use super::gossip::Gossip;
+use super::neighbour::Neighbour;
+use super::relay::Relays;
+use super::{PoolConfig, Progress};
+use crate::Channel;
+use crate::fetch::{Fetch, FetchOutput};
+
+/// How often the engine wants [`PoolEngine::handle_timeout`].
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// A chunk's bytes and the sibling hashes that prove it. The engine never reads the bytes:
+/// the disk side verifies them, so a simulator can pass tokens instead of data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkData {
+    /// The chunk.
+    pub data: Bytes,
+    /// Its proof.
+    pub proof: Vec<Hash>,
+}
+
+/// What happens to the engine.
+#[derive(Debug)]
+pub enum Input {
+    /// A neighbour's channels are open.
+    PeerUp(PeerId),
+    /// A neighbour is gone.
+    PeerDown(PeerId),
+    /// A pool message from a neighbour, on the channel it came on.
+    Message {
+        /// From whom.
+        peer: PeerId,
+        /// Which channel.
+        channel: Channel,
+        /// The message.
+        msg: PoolMessage,
+    },
+    /// A neighbour sent something that does not decode as a pool message.
+    Undecodable {
+        /// From whom.
+        peer: PeerId,
+        /// Why it did not decode.
+        error: String,
+    },
+    /// A chunk handed over by [`Output::SendChunk`] left (or could not: `ok == false`).
+    Sent {
+        /// To whom.
+        peer: PeerId,
+        /// Whether the channel took it.
+        ok: bool,
+    },
+    /// A disk job finished.
+    Disk(DiskDone),
+    /// The application shares a whole file, already on disk.
+    Share {
+        /// What it is.
+        meta: FileMeta,
+        /// Give each chunk out once before any twice (initial seeding).
+        super_seed: bool,
+    },
+    /// The application wants a file; it starts once the file's metadata is heard.
+    Get(FileId),
+}
+
+/// What the engine wants done.
+#[derive(Debug)]
+pub enum Output {
+    /// Send a control message.
+    Send {
+        /// To whom.
+        peer: PeerId,
+        /// What.
+        msg: PoolMessage,
+    },
+    /// Send a verified chunk on the neighbour's chunk channel; answer with [`Input::Sent`].
+    SendChunk {
+        /// To whom.
+        peer: PeerId,
+        /// The chunk message's fields.
+        file_id: FileId,
+        /// The request it answers.
+        request_id: u64,
+        /// Chunk number.
+        index: u32,
+        /// Bytes and proof.
+        chunk: ChunkData,
+        /// Passed on from upstream (else served from this node's copy).
+        relayed: bool,
+    },
+    /// A disk job; answer with [`Input::Disk`].
+    Disk(DiskJob),
+    /// Drop a neighbour (it broke the protocol or sent bad data).
+    Disconnect {
+        /// Whom.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// A download's progress changed.
+    Progress {
+        /// Which file.
+        file_id: FileId,
+        /// Where it stands.
+        progress: Progress,
+    },
+    /// A download ended: the file is in place and shared, or it failed.
+    Finished {
+        /// Which file.
+        file_id: FileId,
+        /// What happened.
+        result: Result<(), String>,
+    },
+}
+
+/// Where a verified chunk that arrived should be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// In this node's download of the file.
+    Download,
+    /// In the relay cache.
+    Cache,
+    /// Nowhere (verify it only: it is passed on).
+    Nowhere,
+}
+
+/// Verify a chunk and keep it.
+#[derive(Debug)]
+pub struct StoreJob {
+    /// Who sent it.
+    pub peer: PeerId,
+    /// The file.
+    pub file_id: FileId,
+    /// What the file is (the proof is checked against it).
+    pub meta: Arc<FileMeta>,
+    /// The request it answered.
+    pub request_id: u64,
+    /// Chunk number.
+    pub index: u32,
+    /// Bytes and proof.
+    pub chunk: ChunkData,
+    /// Where to keep it.
+    pub keep: Keep,
+    /// Set when it answers a request relayed from here (the id used upstream).
+    pub relay: Option<u64>,
+}
+
+/// Where a chunk to serve is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// A whole file shared here.
+    Whole,
+    /// A download in progress.
+    Download,
+    /// The relay cache.
+    Cache,
+}
+
+/// Read a chunk to send to a neighbour.
+#[derive(Debug)]
+pub struct ReadJob {
+    /// For whom.
+    pub peer: PeerId,
+    /// The file.
+    pub file_id: FileId,
+    /// The request it answers.
+    pub request_id: u64,
+    /// Chunk number.
+    pub index: u32,
+    /// From where.
+    pub from: ReadFrom,
+}
+
+/// Work for the disk side.
+#[derive(Debug)]
+pub enum DiskJob {
+    /// Open (or resume) the download of a file the application asked for.
+    Open {
+        /// Which.
+        file_id: FileId,
+        /// What it is.
+        meta: Arc<FileMeta>,
+    },
+    /// Verify and keep a chunk.
+    Store(StoreJob),
+    /// Read a chunk.
+    Read(ReadJob),
+    /// Every chunk is in: re-hash, flush, move into place, serve as a whole file.
+    Finish {
+        /// Which.
+        file_id: FileId,
+    },
+    /// The download failed: close it, keeping what it holds for a later run.
+    Close {
+        /// Which.
+        file_id: FileId,
+    },
+    /// Drop what the relay cache holds of a file (it is held here another way now).
+    EvictCache {
+        /// Which.
+        file_id: FileId,
+    },
+}
+
+/// What a store did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The chunk was new to the download.
+    pub new: bool,
+    /// The chunk is on disk here and can be served later.
+    pub kept: bool,
+    /// The relay cache's chunks of the file now, when it was kept there.
+    pub cache: Option<ChunkRanges>,
+    /// Files the cache evicted to make room.
+    pub evicted: Vec<FileId>,
+}
+
+/// Why a store failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// The chunk does not verify: its sender lied.
+    Bad(String),
+    /// The disk failed.
+    Io(String),
+}
+
+/// A finished disk job.
+#[derive(Debug)]
+pub enum DiskDone {
+    /// A download opened: the chunks on disk, and those of them that can be served.
+    Opened {
+        /// Which.
+        file_id: FileId,
+        /// `(have, servable)`, or why it could not open.
+        result: Result<(ChunkRanges, ChunkRanges), String>,
+    },
+    /// A store finished.
+    Stored {
+        /// The job, handed back.
+        job: StoreJob,
+        /// What happened.
+        result: Result<Stored, StoreFailure>,
+    },
+    /// A read finished; `None` when the chunk is not held there any more.
+    Read {
+        /// The job, handed back.
+        job: ReadJob,
+        /// The chunk.
+        chunk: Option<ChunkData>,
+    },
+    /// A finish finished.
+    Finished {
+        /// Which.
+        file_id: FileId,
+        /// Whether the file is now whole and in place.
+        result: Result<(), String>,
+    },
+}
+
+/// Counters: what the engine did, and everything it refused or dropped, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Chunk bytes served from this node's own copies.
+    pub served_bytes: u64,
+    /// Chunk bytes relayed from upstream to a neighbour.
+    pub relayed_bytes: u64,
+    /// Bytes of the distinct chunks of whole files sent at least once.
+    pub served_distinct_bytes: u64,
+    /// Chunks received that failed verification.
+    pub bad_chunks: u64,
+    /// Neighbours dropped for breaking the protocol or sending bad chunks.
+    pub dropped_peers: u64,
+    /// Offers ignored: over a neighbour's rate, or of impossible or too-large-chunk files.
+    pub offers_ignored: u64,
+    /// Chunks of requests refused for a full request queue (answered Unavailable).
+    pub requests_refused: u64,
+    /// Requests not relayed: no room in the relay table (answered Unavailable).
+    pub relays_refused: u64,
+    /// Chunks that arrived for no request here (ignored).
+    pub chunks_unsolicited: u64,
+    /// Chunks dropped because the disk was behind (re-asked after a stall).
+    pub chunks_dropped_disk_busy: u64,
+    /// Chunks in memory owed to a neighbour, dropped for a full queue (answered
+    /// Unavailable).
+    pub ready_dropped: u64,
+    /// Messages from a peer that is not (or no longer) a neighbour, ignored.
+    pub from_strangers: u64,
+    /// Chunk sends the channel refused (the connection was closing).
+    pub sends_failed: u64,
+    /// Catalog entries evicted to stay within the bound.
+    pub catalog_evicted: u64,
+}
+
+/// A whole file shared here.
+#[derive(Debug)]
+pub(super) struct Whole {
+    pub meta: Arc<FileMeta>,
+    pub count: u32,
+    /// In its initial seeding pass: each chunk to one neighbour before any twice.
+    pub super_seed: bool,
+    /// Chunks sent at least once.
+    pub sent_once: ChunkRanges,
+}
+
+/// A download.
+#[derive(Debug)]
+pub(super) struct Active {
+    pub meta: Arc<FileMeta>,
+    pub fetch: Fetch<PeerId>,
+    /// Chunks it can serve (held, with proofs).
+    pub servable: ChunkRanges,
+    /// Chunk payload bytes received, duplicates included.
+    pub received: u64,
+    /// What was last offered to neighbours, and when.
+    pub offered: ChunkRanges,
+    pub last_offer: Instant,
+    /// The final re-hash is running.
+    pub finishing: bool,
+}
+
+/// The engine. See the module docs.
+pub struct PoolEngine {
+    pub(super) me: PeerId,
+    pub(super) config: PoolConfig,
+    pub(super) rng: fastrand::Rng,
+    pub(super) now: Instant,
+    pub(super) seq: u64,
+    pub(super) neighbours: BTreeMap<PeerId, Neighbour>,
+    pub(super) gossip: Gossip,
+    pub(super) whole: BTreeMap<FileId, Whole>,
+    pub(super) downloads: BTreeMap<FileId, Active>,
+    /// Files the application asked for whose download is not running yet.
+    pub(super) wanted: BTreeSet<FileId>,
+    pub(super) opening: BTreeMap<FileId, Arc<FileMeta>>,
+    /// What the relay cache holds (as the disk side reported), and what was offered of it.
+    pub(super) cache: BTreeMap<FileId, ChunkRanges>,
+    pub(super) cache_offered: BTreeMap<FileId, ChunkRanges>,
+    pub(super) relays: Relays,
+    /// Store jobs out (chunks in memory waiting for the disk).
+    pub(super) storing: usize,
+    pub(super) out: VecDeque<Output>,
+    /// Downloads whose fetch should be polled, and whose progress should be published.
+    pub(super) dirty: BTreeSet<FileId>,
+    pub(super) last_tick: Instant,
+    pub(super) last_full_offer: Option<Instant>,
+    pub(super) last_cache_offer: Option<Instant>,
+    pub(super) stats: EngineStats,
+}
+
+impl std::fmt::Debug for PoolEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolEngine")
+            .field("me", &self.me)
+            .field("neighbours", &self.neighbours.len())
+            .field("downloads", &self.downloads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PoolEngine {
+    /// An engine for node `me`; `seed` makes request ids and start points reproducible.
+    pub fn new(me: PeerId, config: PoolConfig, now: Instant, seed: u64) -> Self {
+        Self {
+            me,
+            gossip: Gossip::new(config.max_catalog, config.max_catalog * 16),
+            relays: Relays::new(config.max_relayed, config.max_relayed_per_peer),
+            config,
+            rng: fastrand::Rng::with_seed(seed),
+            now,
+            seq: 1,
+            neighbours: BTreeMap::new(),
+            whole: BTreeMap::new(),
+            downloads: BTreeMap::new(),
+            wanted: BTreeSet::new(),
+            opening: BTreeMap::new(),
+            cache: BTreeMap::new(),
+            cache_offered: BTreeMap::new(),
+            storing: 0,
+            out: VecDeque::new(),
+            dirty: BTreeSet::new(),
+            last_tick: now,
+            last_full_offer: None,
+            last_cache_offer: None,
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// This node.
+    pub fn peer_id(&self) -> PeerId {
+        self.me
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> EngineStats {
+        let mut s = self.stats;
+        s.catalog_evicted = self.gossip.evicted;
+        s
+    }
+
+    /// Neighbours known.
+    pub fn neighbour_count(&self) -> usize {
+        self.neighbours.len()
+    }
+
+    /// The sizes of every remotely growable table, for tests that push past their bounds:
+    /// (catalog files, relayed requests, chunks queued to serve in all, promises in all).
+    pub fn table_sizes(&self) -> (usize, usize, u64, usize) {
+        (
+            self.gossip.len(),
+            self.relays.len(),
+            self.neighbours.values().map(|n| n.queued).sum(),
+            self.neighbours.values().map(|n| n.promises.len()).sum(),
+        )
+    }
+
+    /// Whether `file_id` is a whole file here.
+    pub fn is_whole(&self, file_id: &FileId) -> bool {
+        self.whole.contains_key(file_id)
+    }
+
+    /// Chunks held of a download in progress (None when there is none).
+    pub fn download_have(&self, file_id: &FileId) -> Option<&ChunkRanges> {
+        self.downloads.get(file_id).map(|a| a.fetch.have())
+    }
+
+    /// When [`PoolEngine::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Instant {
+        self.last_tick + TICK
+    }
+
+    /// The next thing to do. Downloads touched by the inputs so far are polled here, once
+    /// per batch of inputs, so a burst of chunks makes one round of requests.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if self.out.is_empty() && !self.dirty.is_empty() {
+            self.poll_downloads(false);
+        }
+        self.out.pop_front()
+    }
+
+    /// Feeds one input.
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        self.now = self.now.max(now);
+        match input {
+            Input::PeerUp(peer) => self.peer_up(peer),
+            Input::PeerDown(peer) => self.peer_down(peer),
+            Input::Message { peer, channel, msg } => {
+                if !self.neighbours.contains_key(&peer) {
+                    self.stats.from_strangers += 1;
+                    return;
+                }
+                match (channel, msg) {
+                    (
+                        Channel::Chunks,
+                        PoolMessage::Chunk {
+                            file_id,
+                            request_id,
+                            index,
+                            proof,
+                            data,
+                        },
+                    ) => self.on_chunk(peer, file_id, request_id, index, ChunkData { data, proof }),
+                    (Channel::Control, PoolMessage::Chunk { .. }) | (Channel::Chunks, _) => {
+                        self.drop_peer(peer, "pool message on the wrong channel".into())
+                    }
+                    (Channel::Control, msg) => self.on_control(peer, msg),
+                }
+            }
+            Input::Undecodable { peer, error } => {
+                if self.neighbours.contains_key(&peer) {
+                    self.drop_peer(peer, format!("undecodable pool message: {error}"));
+                }
+            }
+            Input::Sent { peer, ok } => self.on_sent(peer, ok),
+            Input::Disk(done) => self.on_disk(done),
+            Input::Share { meta, super_seed } => self.share(meta, super_seed),
+            Input::Get(file_id) => {
+                self.gossip_pin(file_id);
+                if !self.downloads.contains_key(&file_id) && !self.whole.contains_key(&file_id) {
+                    self.wanted.insert(file_id);
+                    self.start_wanted(file_id);
+                }
+            }
+        }
+    }
+
+    fn gossip_pin(&mut self, file_id: FileId) {
+        self.gossip.pin(file_id);
+    }
+
+    /// Starts the download of a wanted file once its metadata is known.
+    pub(super) fn start_wanted(&mut self, file_id: FileId) {
+        if !self.wanted.contains(&file_id) || self.opening.contains_key(&file_id) {
+            return;
+        }
+        let Some(meta) = self.gossip.meta(&file_id).cloned() else {
+            return;
+        };
+        self.wanted.remove(&file_id);
+        self.opening.insert(file_id, meta.clone());
+        self.out
+            .push_back(Output::Disk(DiskJob::Open { file_id, meta }));
+    }
+
+    fn share(&mut self, meta: FileMeta, super_seed: bool) {
+        let Ok(count) = meta.chunk_count() else {
+            return;
+        };
+        let meta = self.gossip.learn(&meta);
+        let id = meta.file_id();
+        self.gossip.pin(id);
+        self.wanted.remove(&id);
+        self.whole.insert(
+            id,
+            Whole {
+                meta: meta.clone(),
+                count,
+                super_seed,
+                sent_once: ChunkRanges::new(),
+            },
+        );
+        if self.cache.remove(&id).is_some() {
+            self.cache_offered.remove(&id);
+            self.out
+                .push_back(Output::Disk(DiskJob::EvictCache { file_id: id }));
+        }
+        let offer = self.offer(&meta, ChunkRanges::full(count), self.config.offer_hops);
+        self.send_all(&offer, None);
+    }
+
+    /// A fresh offer from this node.
+    pub(super) fn offer(&mut self, meta: &FileMeta, have: ChunkRanges, hops: u8) -> PoolMessage {
+        self.seq += 1;
+        PoolMessage::FileOffer {
+            origin: self.me,
+            seq: self.seq,
+            hops,
+            meta: meta.clone(),
+            have,
+        }
+    }
+
+    /// Sends `msg` to every neighbour but `except`.
+    pub(super) fn send_all(&mut self, msg: &PoolMessage, except: Option<PeerId>) {
+        for p in self.neighbours.keys() {
+            if Some(*p) != except {
+                self.out.push_back(Output::Send {
+                    peer: *p,
+                    msg: msg.clone(),
+                });
+            }
+        }
+    }
+
+    pub(super) fn send(&mut self, peer: PeerId, msg: PoolMessage) {
+        self.out.push_back(Output::Send { peer, msg });
+    }
+
+    /// Tells `peer` that `chunks` of its request will not come from here.
+    pub(super) fn unavailable(
+        &mut self,
+        peer: PeerId,
+        file_id: FileId,
+        request_id: u64,
+        chunks: ChunkRanges,
+    ) {
+        if !chunks.is_empty() && self.neighbours.contains_key(&peer) {
+            self.send(
+                peer,
+                PoolMessage::Unavailable {
+                    request_id,
+                    file_id,
+                    chunks,
+                },
+            );
+        }
+    }
+
+    /// The metadata of a file known here in any way.
+    pub(super) fn meta(&self, id: &FileId) -> Option<Arc<FileMeta>> {
+        self.whole
+            .get(id)
+            .map(|w| w.meta.clone())
+            .or_else(|| self.downloads.get(id).map(|a| a.meta.clone()))
+            .or_else(|| self.gossip.meta(id).cloned())
+    }
+
+    fn peer_up(&mut self, peer: PeerId) {
+        if self.neighbours.contains_key(&peer) {
+            return;
+        }
+        self.neighbours
+            .insert(peer, Neighbour::new(self.now, self.config.offer_burst));
+        // What this node holds, and what it heard of, so a late neighbour learns it too.
+        let wholes: Vec<(Arc<FileMeta>, u32)> = self
+            .whole
+            .values()
+            .map(|w| (w.meta.clone(), w.count))
+            .collect();
+        for (meta, count) in wholes {
+            let o = self.offer(&meta, ChunkRanges::full(count), self.config.offer_hops);
+            self.send(peer, o);
+        }
+        let partial: Vec<(Arc<FileMeta>, ChunkRanges)> = self
+            .downloads
+            .values()
+            .filter(|a| !a.servable.is_empty())
+            .map(|a| (a.meta.clone(), a.servable.clone()))
+            .chain(
+                self.cache
+                    .iter()
+                    .filter_map(|(id, have)| Some((self.gossip.meta(id)?.clone(), have.clone()))),
+            )
+            .collect();
+        for (meta, have) in partial {
+            let o = self.offer(&meta, have, 0);
+            self.send(peer, o);
+        }
+        let whole = &self.whole;
+        for m in self
+            .gossip
+            .recent_heard(self.config.regossip, |id| whole.contains_key(id))
+        {
+            self.send(peer, m);
+        }
+    }
+
+    fn peer_down(&mut self, peer: PeerId) {
+        if self.neighbours.remove(&peer).is_none() {
+            return;
+        }
+        for (id, a) in self.downloads.iter_mut() {
+            a.fetch.remove_source(&peer);
+            self.dirty.insert(*id);
+        }
+        // Requests relayed for it: nobody waits for them any more.
+        for (up_id, r) in self.relays.take_for(peer) {
+            self.send(
+                r.upstream,
+                PoolMessage::Cancel {
+                    request_id: up_id,
+                    file_id: r.file_id,
+                },
+            );
+        }
+        self.recheck_promises();
+        // Requests passed on through it go another way at once: the requester only sees
+        // this node, busy with its other requests, and would wait for a stall to re-ask.
+        for (_, r) in self.relays.take_through(peer) {
+            self.reroute(r);
+        }
+    }
+
+    /// Drops a neighbour that broke the protocol or lied, and forgets it at once.
+    pub(super) fn drop_peer(&mut self, peer: PeerId, reason: String) {
+        tracing::warn!(?peer, "dropping peer: {reason}");
+        self.stats.dropped_peers += 1;
+        self.out.push_back(Output::Disconnect { peer, reason });
+        self.peer_down(peer);
+    }
+
+    /// The timer: offers repeated now and then, downloads' stall checks, partial and cache
+    /// re-offers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+        if now < self.last_tick + TICK {
+            return;
+        }
+        self.last_tick = now;
+        let interval = self.config.reoffer_interval;
+        if self
+            .last_full_offer
+            .is_none_or(|t| now.duration_since(t) >= interval * 5)
+        {
+            self.last_full_offer = Some(now);
+            // Offers heard from farther away go again with their original sequence number,
+            // so only neighbours that missed them act on them.
+            let whole = &self.whole;
+            for m in self
+                .gossip
+                .recent_heard(self.config.regossip, |id| whole.contains_key(id))
+            {
+                self.send_all(&m, None);
+            }
+            // Holders re-announce with a fresh sequence number and the full hop budget.
+            let wholes: Vec<(Arc<FileMeta>, u32)> = self
+                .whole
+                .values()
+                .map(|w| (w.meta.clone(), w.count))
+                .collect();
+            for (meta, count) in wholes {
+                let o = self.offer(&meta, ChunkRanges::full(count), self.config.offer_hops);
+                self.send_all(&o, None);
+            }
+        }
+        // Downloaders serve each other: tell neighbours what a download holds now.
+        let due: Vec<(Arc<FileMeta>, ChunkRanges)> = self
+            .downloads
+            .values_mut()
+            .filter(|a| now.duration_since(a.last_offer) >= interval && a.servable != a.offered)
+            .map(|a| {
+                a.last_offer = now;
+                a.offered = a.servable.clone();
+                (a.meta.clone(), a.offered.clone())
+            })
+            .collect();
+        for (meta, have) in due {
+            let o = self.offer(&meta, have, 0);
+            self.send_all(&o, None);
+        }
+        self.offer_cached(now);
+        self.poll_downloads(true);
+    }
+
+    /// Tells neighbours what the relay cache holds now, and retracts what it evicted.
+    fn offer_cached(&mut self, now: Instant) {
+        if self
+            .last_cache_offer
+            .is_some_and(|t| now.duration_since(t) < self.config.reoffer_interval)
+        {
+            return;
+        }
+        self.last_cache_offer = Some(now);
+        let gone: Vec<FileId> = self
+            .cache_offered
+            .keys()
+            .filter(|id| !self.cache.contains_key(id))
+            .copied()
+            .collect();
+        for file_id in gone {
+            self.cache_offered.remove(&file_id);
+            self.seq += 1;
+            let retract = PoolMessage::FileRetract {
+                origin: self.me,
+                seq: self.seq,
+                hops: 0,
+                file_id,
+            };
+            self.send_all(&retract, None);
+        }
+        let changed: Vec<(FileId, ChunkRanges)> = self
+            .cache
+            .iter()
+            .filter(|(id, have)| {
+                self.cache_offered.get(id) != Some(have)
+                    && !self.downloads.contains_key(id)
+                    && !self.whole.contains_key(id)
+            })
+            .map(|(id, have)| (*id, have.clone()))
+            .collect();
+        for (id, have) in changed {
+            let Some(meta) = self.gossip.meta(&id).cloned() else {
+                continue;
+            };
+            self.cache_offered.insert(id, have.clone());
+            let o = self.offer(&meta, have, 0);
+            self.send_all(&o, None);
+        }
+    }
+
+    /// Polls the fetch of every dirty download (every download on a tick) and turns its
+    /// outputs into messages.
+    pub(super) fn poll_downloads(&mut self, all: bool) {
+        let ids: Vec<FileId> = if all {
+            self.downloads.keys().copied().collect()
+        } else {
+            std::mem::take(&mut self.dirty).into_iter().collect()
+        };
+        if all {
+            // Progress of touched downloads is published below.
+            for id in std::mem::take(&mut self.dirty) {
+                self.publish(id);
+            }
+        }
+        let now = self.now;
+        let hops = self.config.offer_hops + 1;
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(a) = self.downloads.get_mut(&id) else {
+                continue;
+            };
+            a.fetch.poll(now, &mut out);
+            if !all {
+                self.publish(id);
+            }
+            for o in out.drain(..) {
+                match o {
+                    FetchOutput::Request {
+                        source,
+                        request_id,
+                        ranges,
+                        from_origin,
+                        attempt,
+                    } => {
+                        if attempt > 0 {
+                            tracing::info!(
+                                ?source,
+                                attempt,
+                                chunks = ranges.len(),
+                                "re-requesting after a stall"
+                            );
+                        }
+                        self.send(
+                            source,
+                            PoolMessage::FileRequest {
+                                request_id,
+                                requester: self.me,
+                                file_id: id,
+                                requested: ranges,
+                                promised: ChunkRanges::new(),
+                                from_origin,
+                                // An offer reaches offer_hops + 1 nodes away (the last one does
+                                // not forward it), so the route can be that long.
+                                hops_left: hops,
+                            },
+                        )
+                    }
+                    FetchOutput::Missing {
+                        source,
+                        request_id,
+                        ranges,
+                    } => {
+                        tracing::info!(
+                            ?source,
+                            request_id,
+                            missing = ranges.len(),
+                            "request stalled; chunks missing"
+                        );
+                        self.send(
+                            source,
+                            PoolMessage::ChunksMissing {
+                                request_id,
+                                file_id: id,
+                                missing: ranges,
+                            },
+                        )
+                    }
+                    FetchOutput::Cancel { source, request_id } => self.send(
+                        source,
+                        PoolMessage::Cancel {
+                            request_id,
+                            file_id: id,
+                        },
+                    ),
+                    FetchOutput::Done => {
+                        if let Some(a) = self.downloads.get_mut(&id) {
+                            a.finishing = true;
+                        }
+                        self.out
+                            .push_back(Output::Disk(DiskJob::Finish { file_id: id }));
+                    }
+                    FetchOutput::Failed(why) => self.fail_download(id, why),
+                }
+            }
+        }
+    }
+
+    /// Ends a download that cannot finish: neighbours promised its chunks ask elsewhere.
+    pub(super) fn fail_download(&mut self, id: FileId, why: String) {
+        let Some(a) = self.downloads.remove(&id) else {
+            return;
+        };
+        drop(a);
+        self.recheck_promises();
+        self.out
+            .push_back(Output::Disk(DiskJob::Close { file_id: id }));
+        self.out.push_back(Output::Finished {
+            file_id: id,
+            result: Err(why),
+        });
+    }
+
+    pub(super) fn publish(&mut self, id: FileId) {
+        let Some(a) = self.downloads.get(&id) else {
+            return;
+        };
+        let meta = &a.meta;
+        let have_bytes = a
+            .fetch
+            .have()
+            .ranges()
+            .iter()
+            .map(|r| chunk_bytes(meta, r.clone()))
+            .sum();
+        self.out.push_back(Output::Progress {
+            file_id: id,
+            progress: Progress {
+                have_bytes,
+                total_bytes: meta.size,
+                received_bytes: a.received,
+                duplicates: a.fetch.duplicates,
+                missing_rounds: a.fetch.missing_rounds,
+                sources: a.fetch.source_count(),
+            },
+        });
+    }
+}
+
+/// Bytes in chunks `range` of a file.
+pub(super) fn chunk_bytes(meta: &FileMeta, range: std::ops::Range<u32>) -> u64 {
+    let start = u64::from(range.start) * u64::from(meta.chunk_size);
+    let end = (u64::from(range.end) * u64::from(meta.chunk_size)).min(meta.size);
+    end.saturating_sub(start)
+}

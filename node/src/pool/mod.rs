@@ -1,0 +1,702 @@
+//! The chunk pipeline: shares and fetches files through the pool on top of a [`Node`].
+//!
+//! The decisions live in the sans-IO [`PoolEngine`] (see `engine.rs` for a map of its
+//! files); this module is its thin async driver: node events become engine inputs, engine
+//! outputs become sends, disk jobs and application events. Each neighbour gets one ordered
+//! control outbox bounded in bytes (a neighbour that stops reading its control channel is
+//! dropped once it is full) and one chunk outbox the engine keeps to `send_window` chunks.
+//! Disk work runs on the disk thread (`disk.rs`) and comes back as inputs, so hashing and
+//! writing never hold up the event loop. [`sim`] runs many engines on a simulated network.
+
+mod disk;
+pub mod engine;
+mod gossip;
+mod neighbour;
+mod relay;
+mod requests;
+mod serve;
+pub mod sim;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tidepool_protocol::PeerId;
+pub use tidepool_protocol::pool::FileId;
+use tidepool_protocol::pool::{PoolLimits, PoolMessage};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use engine::{EngineStats, Input, Output, PoolEngine};
+
+use crate::cache::RelayCache;
+use crate::fetch::FetchConfig;
+use crate::store::{SharedFile, StoreError};
+use crate::{Channel, Event, Node};
+
+/// The largest chunk this pipeline accepts from peers (a file's chunk size travels in its
+/// metadata; files with bigger chunks are not fetched, and their offers are ignored).
+pub const MAX_CHUNK_SIZE: usize = 1024 * 1024;
+
+/// Tunables of the pipeline. Every queue a peer can fill has its bound here.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Bytes per chunk for files this node shares (64 KiB measured best, DESIGN §6).
+    pub chunk_size: u32,
+    /// Request timing and bounds of every download.
+    pub fetch: FetchConfig,
+    /// How far file offers are gossiped, in hops.
+    pub offer_hops: u8,
+    /// Chunks queued to serve per neighbour (as ranges, no data); a request past it is
+    /// answered Unavailable and the requester asks elsewhere.
+    pub request_queue: u64,
+    /// Chunks in memory owed to a neighbour (relayed or promised), per neighbour.
+    pub relay_queue: usize,
+    /// Chunks being read or sent per neighbour: the disk and channel work one neighbour
+    /// can have in progress.
+    pub send_window: usize,
+    /// Bytes of control messages queued per neighbour; a neighbour that lets it fill (it
+    /// stopped reading) is dropped.
+    pub control_outbox_bytes: usize,
+    /// Chunks waiting for the disk to verify and keep them; past it an arriving chunk is
+    /// dropped (and counted) and re-asked after a stall.
+    pub disk_queue: usize,
+    /// Files known from offers (least recently heard evicted first), and files remembered
+    /// per neighbour as held or relayable.
+    pub max_catalog: usize,
+    /// Offers heard from farther away passed on to each new neighbour and every
+    /// `5 × reoffer_interval`, newest first.
+    pub regossip: usize,
+    /// Requests relayed for neighbours, in all and per neighbour.
+    pub max_relayed: usize,
+    /// See `max_relayed`.
+    pub max_relayed_per_peer: usize,
+    /// File offers accepted per neighbour per second, and in a burst; more are ignored.
+    pub offer_rate: u32,
+    /// See `offer_rate`.
+    pub offer_burst: u32,
+    /// The largest chunk accepted from peers (at most [`MAX_CHUNK_SIZE`], and what the
+    /// node's `max_message_size` can carry).
+    pub max_chunk_size: usize,
+    /// A download re-announces what it holds this often, so downloaders serve each other.
+    pub reoffer_interval: Duration,
+    /// Bytes of relayed chunks kept on disk to serve again (0: no relay cache).
+    pub cache_bytes: u64,
+    /// Where the relay cache lives; by default a per-node directory under the system's
+    /// temp dir, removed when the pool stops.
+    pub cache_dir: Option<PathBuf>,
+    /// Initial seeding ("super-seeding"): a file this node shares goes out one chunk to one
+    /// neighbour at a time until every chunk has gone out once; asked again for a chunk
+    /// already given out, it answers Unavailable and the asker gets it from whoever has it.
+    /// Chunks given to a neighbour that left count as not given.
+    pub super_seed: bool,
+    /// Test hook: corrupt every chunk this node serves from disk (to test that peers drop it).
+    #[doc(hidden)]
+    pub corrupt_outgoing: bool,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            chunk_size: 64 * 1024,
+            fetch: FetchConfig::default(),
+            offer_hops: 3,
+            request_queue: 4096,
+            relay_queue: 64,
+            send_window: 16,
+            control_outbox_bytes: 1 << 20,
+            disk_queue: 256,
+            max_catalog: 1024,
+            regossip: 64,
+            max_relayed: 4096,
+            max_relayed_per_peer: 256,
+            offer_rate: 200,
+            offer_burst: 1000,
+            max_chunk_size: MAX_CHUNK_SIZE,
+            reoffer_interval: Duration::from_secs(1),
+            cache_bytes: 256 * 1024 * 1024,
+            cache_dir: None,
+            super_seed: false,
+            corrupt_outgoing: false,
+        }
+    }
+}
+
+/// What can go wrong in the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The node's messages cannot carry a chunk of this size with its proof.
+    #[error("node max_message_size {have} cannot carry {chunk}-byte chunks (needs {need})")]
+    MessageTooSmall {
+        /// The node's limit.
+        have: usize,
+        /// The chunk size.
+        chunk: u32,
+        /// What it needs.
+        need: usize,
+    },
+    /// Reading, writing or verifying files.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The download could not finish.
+    #[error("download failed: {0}")]
+    Failed(String),
+    /// The pool stopped before the download finished.
+    #[error("the pool stopped")]
+    Stopped,
+}
+
+/// A download's progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Verified bytes held.
+    pub have_bytes: u64,
+    /// File size.
+    pub total_bytes: u64,
+    /// Chunk payload bytes received, duplicates included.
+    pub received_bytes: u64,
+    /// Chunks that arrived twice.
+    pub duplicates: u64,
+    /// Re-requests after stalls (chunks-missing rounds).
+    pub missing_rounds: u64,
+    /// Neighbours currently serving the file.
+    pub sources: usize,
+}
+
+/// Upload counters of one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Uploaded {
+    /// Chunk bytes served from this node's own copies.
+    pub served_bytes: u64,
+    /// Chunk bytes relayed from upstream to a neighbour.
+    pub relayed_bytes: u64,
+    /// Bytes of the distinct chunks of whole files sent at least once: one file's size
+    /// here means a seeder has put a whole copy into the pool.
+    pub served_distinct_bytes: u64,
+    /// Chunk bytes held in the relay cache now.
+    pub cached_bytes: u64,
+}
+
+/// A running download: watch its progress, then await the finished file.
+#[derive(Debug)]
+pub struct Download {
+    /// Live progress.
+    pub progress: watch::Receiver<Progress>,
+    done: oneshot::Receiver<Result<PathBuf, PoolError>>,
+}
+
+impl Download {
+    /// Waits for the verified file at its final path.
+    pub async fn finished(self) -> Result<PathBuf, PoolError> {
+        self.done.await.unwrap_or(Err(PoolError::Stopped))
+    }
+}
+
+/// What the application asks of the driver.
+enum Command {
+    Share(tidepool_protocol::pool::FileMeta),
+    Get {
+        file_id: FileId,
+        target: PathBuf,
+        reply: oneshot::Sender<Download>,
+    },
+}
+
+struct Shared {
+    node: Node,
+    config: PoolConfig,
+    stats: Mutex<EngineStats>,
+    disk_counters: Arc<disk::DiskCounters>,
+}
+
+/// The pipeline over one node. Dropping it stops the pipeline (and the node).
+pub struct Pool {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    disk: std::sync::mpsc::Sender<disk::DiskMsg>,
+    disk_thread: Option<std::thread::JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("peer_id", &self.shared.node.peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Pool {
+    /// Stops the pipeline and leaves the pool; the disk thread closes the downloads (each
+    /// records what it holds, for the next run to resume) before this returns.
+    fn drop(&mut self) {
+        self.task.abort();
+        self.shared.node.close();
+        let _ = self.disk.send(disk::DiskMsg::Stop);
+        if let Some(t) = self.disk_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Pool {
+    /// Runs the pipeline on `node` (which it now owns: its events drive the pipeline).
+    pub fn start(node: Node, mut config: PoolConfig) -> Result<Pool, PoolError> {
+        let need = Self::message_size_for(config.chunk_size);
+        let have = node.config().max_message_size;
+        if have < need {
+            return Err(PoolError::MessageTooSmall {
+                have,
+                chunk: config.chunk_size,
+                need,
+            });
+        }
+        // The largest chunk a message of the node's size can carry with its proof.
+        let carried = have.saturating_sub(Self::message_size_for(0));
+        config.max_chunk_size = config.max_chunk_size.min(MAX_CHUNK_SIZE).min(carried);
+        let limits = PoolLimits {
+            max_chunk: config.max_chunk_size,
+            ..PoolLimits::default()
+        };
+        let cache = if config.cache_bytes > 0 {
+            let dir = config.cache_dir.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("tidepool-cache-{}", node.peer_id().to_hex()))
+            });
+            Some(RelayCache::open(&dir, config.cache_bytes)?)
+        } else {
+            None
+        };
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let counters = Arc::new(disk::DiskCounters::default());
+        let (disk_tx, disk_thread) =
+            disk::start(cache, config.corrupt_outgoing, done_tx, counters.clone()).map_err(
+                |e| StoreError::Io {
+                    path: PathBuf::from("<disk thread>"),
+                    source: e,
+                },
+            )?;
+        let seed = u64::from_le_bytes(node.peer_id().0[..8].try_into().unwrap_or_default());
+        let engine = PoolEngine::new(node.peer_id(), config.clone(), Instant::now(), seed);
+        let shared = Arc::new(Shared {
+            node,
+            config,
+            stats: Mutex::new(EngineStats::default()),
+            disk_counters: counters,
+        });
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            shared: shared.clone(),
+            engine,
+            limits,
+            disk: disk_tx.clone(),
+            outboxes: HashMap::new(),
+            downloads: HashMap::new(),
+            targets: HashMap::new(),
+            sent: mpsc::unbounded_channel(),
+        };
+        let task = tokio::spawn(driver.run(commands_rx, done_rx));
+        Ok(Pool {
+            shared,
+            commands,
+            disk: disk_tx,
+            disk_thread: Some(disk_thread),
+            task,
+        })
+    }
+
+    /// The node underneath (peers, stats).
+    pub fn node(&self) -> &Node {
+        &self.shared.node
+    }
+
+    /// The message size a node needs to carry `chunk_size` chunks with their proofs.
+    pub fn message_size_for(chunk_size: u32) -> usize {
+        chunk_size as usize + 2 + 32 + 8 + 4 + 1 + 32 * 32 + 4
+    }
+
+    /// The peak RSS, in bytes, a node running this pipeline stays within with
+    /// `connections` peers: 64 MiB for the runtime, the WebRTC stack and the allocator's
+    /// arenas; the chunks waiting for the disk (`disk_queue`); and for each connection its
+    /// configured buffers — both channels' send limits, the SCTP receive window, the chunks
+    /// owed to it in memory (`relay_queue`) and in progress (`send_window`), its control
+    /// outbox — with half as much again for allocator slack. Requests queue as ranges, not
+    /// data; proofs stay on disk; downloads stream to disk: file size does not appear.
+    /// Checked against a relay passing a 64 MiB file to four fetchers in
+    /// `load_test/tests/pool.rs`, and against a file of many chunks in the pipeline tests.
+    pub fn memory_bound(node: &crate::NodeConfig, pool: &PoolConfig, connections: usize) -> u64 {
+        let chunk = Self::message_size_for(pool.chunk_size) as u64;
+        let per_connection = 2 * node.send_buffer_limit as u64
+            + u64::from(node.sctp_receive_window)
+            + (pool.relay_queue + pool.send_window) as u64 * chunk
+            + pool.control_outbox_bytes as u64;
+        (64 << 20) + pool.disk_queue as u64 * chunk + connections as u64 * per_connection * 3 / 2
+    }
+
+    fn stats(&self) -> EngineStats {
+        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything the engine counted, refusals and drops included.
+    pub fn engine_stats(&self) -> EngineStats {
+        self.stats()
+    }
+
+    /// Chunks received that failed verification (their senders were dropped).
+    pub fn bad_chunks(&self) -> u64 {
+        self.stats().bad_chunks
+    }
+
+    /// Peers this pipeline disconnected for breaking the protocol or sending bad chunks.
+    pub fn dropped_peers(&self) -> u64 {
+        self.stats().dropped_peers
+    }
+
+    /// What this node has sent: chunk bytes served from its own copies (whole, partial or
+    /// cached), and chunk bytes passed on from upstream for others.
+    pub fn uploaded(&self) -> Uploaded {
+        let s = self.stats();
+        Uploaded {
+            served_bytes: s.served_bytes,
+            relayed_bytes: s.relayed_bytes,
+            served_distinct_bytes: s.served_distinct_bytes,
+            cached_bytes: self.shared.disk_counters.cached_bytes.load(Relaxed),
+        }
+    }
+
+    /// Serves `path` to the pool; returns its file id. The file is read once, here, for
+    /// its hash tree; chunks are then read on demand by the disk thread.
+    pub fn share(&self, path: &Path) -> Result<FileId, PoolError> {
+        let shared = Arc::new(SharedFile::open(path, self.shared.config.chunk_size)?);
+        let id = shared.id();
+        let meta = shared.meta().clone();
+        meta.chunk_count().map_err(StoreError::from)?;
+        // The disk thread has the file before the engine can ask to read it.
+        self.disk
+            .send(disk::DiskMsg::Share(shared))
+            .map_err(|_| PoolError::Stopped)?;
+        self.commands
+            .send(Command::Share(meta))
+            .map_err(|_| PoolError::Stopped)?;
+        Ok(id)
+    }
+
+    /// Fetches `file_id` into `target`, resuming from `target.part` if a previous run left
+    /// one. Returns once an offer of the file has reached this node and the download runs.
+    pub async fn get(&self, file_id: FileId, target: &Path) -> Result<Download, PoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Get {
+                file_id,
+                target: target.to_owned(),
+                reply,
+            })
+            .map_err(|_| PoolError::Stopped)?;
+        rx.await.map_err(|_| PoolError::Stopped)
+    }
+}
+
+/// One neighbour's outboxes: control messages (ordered, bounded in bytes) and chunks
+/// (bounded by the engine's `send_window`).
+struct Outbox {
+    control: mpsc::UnboundedSender<Vec<u8>>,
+    control_bytes: Arc<AtomicUsize>,
+    chunks: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+/// A download the application waits on.
+struct Waiting {
+    progress: Option<watch::Sender<Progress>>,
+    replies: Vec<oneshot::Sender<Download>>,
+    done: Vec<oneshot::Sender<Result<PathBuf, PoolError>>>,
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    engine: PoolEngine,
+    limits: PoolLimits,
+    disk: std::sync::mpsc::Sender<disk::DiskMsg>,
+    outboxes: HashMap<PeerId, Outbox>,
+    downloads: HashMap<FileId, Waiting>,
+    targets: HashMap<FileId, PathBuf>,
+    /// Chunk sends that finished: (peer, whether the channel took it).
+    sent: (
+        mpsc::UnboundedSender<SentChunk>,
+        mpsc::UnboundedReceiver<SentChunk>,
+    ),
+}
+
+/// A chunk send that finished: to whom, and whether the channel took it.
+type SentChunk = (PeerId, bool);
+
+/// Inputs taken from a ready queue before the outputs are drained, so a burst of chunks
+/// makes one round of requests rather than one per chunk.
+const BATCH: usize = 64;
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut disk_done: mpsc::UnboundedReceiver<engine::DiskDone>,
+    ) {
+        loop {
+            let deadline = tokio::time::Instant::from_std(self.engine.poll_timeout());
+            tokio::select! {
+                Some(d) = disk_done.recv() => {
+                    self.engine.handle(Instant::now(), Input::Disk(d));
+                    for _ in 0..BATCH {
+                        let Ok(d) = disk_done.try_recv() else { break };
+                        self.engine.handle(Instant::now(), Input::Disk(d));
+                    }
+                }
+                Some((peer, ok)) = self.sent.1.recv() => {
+                    self.engine.handle(Instant::now(), Input::Sent { peer, ok });
+                    for _ in 0..BATCH {
+                        let Ok((peer, ok)) = self.sent.1.try_recv() else { break };
+                        self.engine.handle(Instant::now(), Input::Sent { peer, ok });
+                    }
+                }
+                Some(cmd) = commands.recv() => self.command(cmd),
+                event = self.shared.node.next_event() => match event {
+                    Some(e) => self.event(e),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => self.engine.handle_timeout(Instant::now()),
+            }
+            self.drain();
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Share(meta) => self.engine.handle(
+                Instant::now(),
+                Input::Share {
+                    meta,
+                    super_seed: self.shared.config.super_seed,
+                },
+            ),
+            Command::Get {
+                file_id,
+                target,
+                reply,
+            } => {
+                let _ = self
+                    .disk
+                    .send(disk::DiskMsg::Target(file_id, target.clone()));
+                self.targets.insert(file_id, target);
+                let w = self.downloads.entry(file_id).or_insert_with(|| Waiting {
+                    progress: None,
+                    replies: Vec::new(),
+                    done: Vec::new(),
+                });
+                match &w.progress {
+                    // Already running: another handle on it.
+                    Some(p) => {
+                        let (done_tx, done_rx) = oneshot::channel();
+                        w.done.push(done_tx);
+                        let _ = reply.send(Download {
+                            progress: p.subscribe(),
+                            done: done_rx,
+                        });
+                    }
+                    None => w.replies.push(reply),
+                }
+                self.engine.handle(Instant::now(), Input::Get(file_id));
+            }
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::PeerConnected { peer } => {
+                self.open_outbox(peer);
+                self.engine.handle(now, Input::PeerUp(peer));
+            }
+            Event::PeerDisconnected { peer, .. } => {
+                // A replaced connection's goodbye can come after its successor's hello.
+                if self.shared.node.connected_peers().contains(&peer) {
+                    return;
+                }
+                self.outboxes.remove(&peer);
+                self.engine.handle(now, Input::PeerDown(peer));
+            }
+            Event::Message {
+                peer,
+                channel,
+                data,
+                ..
+            } => {
+                let input = match PoolMessage::decode(&data, &self.limits) {
+                    Ok(msg) => Input::Message { peer, channel, msg },
+                    Err(e) => Input::Undecodable {
+                        peer,
+                        error: e.to_string(),
+                    },
+                };
+                self.engine.handle(now, input);
+            }
+            Event::Receipt { .. } | Event::Tracker(_) => {}
+        }
+    }
+
+    /// Starts a neighbour's two sender tasks. Each ends when its outbox is dropped.
+    fn open_outbox(&mut self, peer: PeerId) {
+        let (control, mut control_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (chunks, mut chunks_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let control_bytes = Arc::new(AtomicUsize::new(0));
+        let (shared, bytes) = (self.shared.clone(), control_bytes.clone());
+        tokio::spawn(async move {
+            while let Some(buf) = control_rx.recv().await {
+                let sent = shared.node.send(peer, Channel::Control, &buf).await;
+                bytes.fetch_sub(buf.len(), Relaxed);
+                if let Err(e) = sent {
+                    tracing::debug!(?peer, "control message not sent: {e}");
+                }
+            }
+        });
+        let (shared, sent) = (self.shared.clone(), self.sent.0.clone());
+        tokio::spawn(async move {
+            while let Some(frame) = chunks_rx.recv().await {
+                let ok = shared
+                    .node
+                    .send(peer, Channel::Chunks, &frame)
+                    .await
+                    .is_ok();
+                // Every chunk handed over gets its credit back, sent or not.
+                if sent.send((peer, ok)).is_err() {
+                    return;
+                }
+            }
+        });
+        self.outboxes.insert(
+            peer,
+            Outbox {
+                control,
+                control_bytes,
+                chunks,
+            },
+        );
+    }
+
+    /// Carries out everything the engine wants done.
+    fn drain(&mut self) {
+        let mut dropped = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(o) = self.engine.poll_output() {
+            match o {
+                Output::Send { peer, msg } => {
+                    let Some(ob) = self.outboxes.get(&peer) else {
+                        continue;
+                    };
+                    buf.clear();
+                    msg.encode(&mut buf);
+                    let queued = ob.control_bytes.fetch_add(buf.len(), Relaxed) + buf.len();
+                    if queued > self.shared.config.control_outbox_bytes {
+                        dropped.push(peer);
+                        continue;
+                    }
+                    let _ = ob.control.send(std::mem::take(&mut buf));
+                }
+                Output::SendChunk {
+                    peer,
+                    file_id,
+                    request_id,
+                    index,
+                    chunk,
+                    ..
+                } => {
+                    let mut frame =
+                        Vec::with_capacity(chunk.data.len() + 64 + 32 * chunk.proof.len());
+                    PoolMessage::Chunk {
+                        file_id,
+                        request_id,
+                        index,
+                        proof: chunk.proof,
+                        data: chunk.data,
+                    }
+                    .encode(&mut frame);
+                    let handed = self
+                        .outboxes
+                        .get(&peer)
+                        .is_some_and(|ob| ob.chunks.send(frame).is_ok());
+                    if !handed {
+                        // Gone meanwhile: the credit comes back at once.
+                        let _ = self.sent.0.send((peer, false));
+                    }
+                }
+                Output::Disk(job) => {
+                    if self.disk.send(disk::DiskMsg::Job(job)).is_err() {
+                        tracing::warn!("disk thread gone; a disk job was not run");
+                    }
+                }
+                Output::Disconnect { peer, reason } => {
+                    self.outboxes.remove(&peer);
+                    self.shared.node.disconnect(peer, reason);
+                }
+                Output::Progress { file_id, progress } => self.progress(file_id, progress),
+                Output::Finished { file_id, result } => self.finished(file_id, result),
+            }
+        }
+        for peer in dropped {
+            if self.outboxes.remove(&peer).is_some() {
+                tracing::warn!(
+                    ?peer,
+                    "dropping peer: its control outbox is full (it stopped reading)"
+                );
+                self.shared
+                    .node
+                    .disconnect(peer, "control outbox full: not reading");
+                self.engine.handle(Instant::now(), Input::PeerDown(peer));
+            }
+        }
+        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = self.engine.stats();
+    }
+
+    fn progress(&mut self, file_id: FileId, progress: Progress) {
+        let Some(w) = self.downloads.get_mut(&file_id) else {
+            return;
+        };
+        match &w.progress {
+            Some(p) => {
+                p.send_replace(progress);
+            }
+            None => {
+                let (tx, _) = watch::channel(progress);
+                for reply in w.replies.drain(..) {
+                    let (done_tx, done_rx) = oneshot::channel();
+                    w.done.push(done_tx);
+                    let _ = reply.send(Download {
+                        progress: tx.subscribe(),
+                        done: done_rx,
+                    });
+                }
+                w.progress = Some(tx);
+            }
+        }
+    }
+
+    fn finished(&mut self, file_id: FileId, result: Result<(), String>) {
+        let Some(mut w) = self.downloads.remove(&file_id) else {
+            return;
+        };
+        let target = self.targets.remove(&file_id).unwrap_or_default();
+        // A download that never started (it could not open) still answers its callers.
+        let (tx, _) = watch::channel(Progress::default());
+        for reply in w.replies.drain(..) {
+            let (done_tx, done_rx) = oneshot::channel();
+            w.done.push(done_tx);
+            let _ = reply.send(Download {
+                progress: w.progress.as_ref().unwrap_or(&tx).subscribe(),
+                done: done_rx,
+            });
+        }
+        for done in w.done {
+            let _ = done.send(match &result {
+                Ok(()) => Ok(target.clone()),
+                Err(e) => Err(PoolError::Failed(e.clone())),
+            });
+        }
+    }
+}

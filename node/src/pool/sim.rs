@@ -1,0 +1,857 @@
+//! A deterministic pool simulator: many [`PoolEngine`]s on an in-memory network with
+//! virtual time. Each node has an uplink of fixed bandwidth (chunks queue on it in order;
+//! control messages skip the queue) and each link a fixed latency; a tracker model hands
+//! out neighbours the way the real tracker and node do (a node below `max_peers` announces
+//! with a few offers to random members; a full member makes room for a node with no
+//! neighbour); the disk verifies instantly and re-hashes at 1 GB/s. Churn kills nodes
+//! (noticed after the heartbeat timeout), restarts them with the chunks they held, and lets
+//! nodes join late; a super-seeding seeder can leave after one full copy.
+//!
+//! Same config, same run, byte for byte: one seeded generator, ordered maps, and events
+//! ordered by (time, sequence). [`SimReport::digest`] hashes every event to prove it.
+//! Chunks carry a two-byte token instead of data, so 1,000 nodes move a 256 MiB file in
+//! minutes of CPU. Not modelled: downlink limits, loss, ICE; see DESIGN §5.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tidepool_protocol::PeerId;
+use tidepool_protocol::pool::{ChunkRanges, FileId, FileMeta, PoolMessage};
+
+use super::engine::{
+    ChunkData, DiskDone, DiskJob, Input, Keep, Output, PoolEngine, ReadFrom, StoreFailure, Stored,
+    TICK,
+};
+use super::{PoolConfig, Progress};
+use crate::Channel;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Downloading nodes.
+    pub nodes: usize,
+    /// File size in bytes.
+    pub file_size: u64,
+    /// The pipeline's config on every node (its `chunk_size` is the file's).
+    pub pool: PoolConfig,
+    /// Uplink of every downloader, bytes per second.
+    pub uplink: u64,
+    /// Uplink of the seeder, bytes per second.
+    pub seeder_uplink: u64,
+    /// One-way latency of a link; each link draws its own within ±50%.
+    pub latency: Duration,
+    /// Neighbours per node, as `NodeConfig::max_peers`.
+    pub max_peers: usize,
+    /// Offers per announce, as `NodeConfig::offers_per_announce`.
+    pub offers_per_announce: usize,
+    /// How often a node below `max_peers` announces again.
+    pub announce_interval: Duration,
+    /// Offer to open channels.
+    pub connect_delay: Duration,
+    /// How long a neighbour takes to notice a killed node (the heartbeat timeout).
+    pub detect_down: Duration,
+    /// Downloaders join spread over this long.
+    pub join_spread: Duration,
+    /// Churn.
+    pub churn: Churn,
+    /// The seeder super-seeds and leaves once it has sent one full copy.
+    pub seeder_leaves_after_copy: bool,
+    /// Give up at this virtual time.
+    pub time_limit: Duration,
+    /// The seed of everything random.
+    pub seed: u64,
+}
+
+/// Nodes killed, restarted and joining late.
+#[derive(Debug, Clone, Default)]
+pub struct Churn {
+    /// Share of downloaders killed for good, at a random time in `window`.
+    pub kill: f64,
+    /// Share of downloaders killed and restarted (from their partial file) 1–5 s later.
+    pub restart: f64,
+    /// Share of downloaders that join at a random time in `window` instead of at the start.
+    pub late: f64,
+    /// When churn happens (virtual time from the start).
+    pub window: (Duration, Duration),
+}
+
+impl SimConfig {
+    /// `nodes` downloaders and one seeder, a file of `file_size` bytes, 100 Mbit/s links
+    /// with 20 ms latency, and the node's and pipeline's defaults.
+    pub fn new(nodes: usize, file_size: u64, seed: u64) -> Self {
+        Self {
+            nodes,
+            file_size,
+            pool: PoolConfig {
+                cache_bytes: 0,
+                ..PoolConfig::default()
+            },
+            uplink: 12_500_000,
+            seeder_uplink: 12_500_000,
+            latency: Duration::from_millis(20),
+            max_peers: 8,
+            offers_per_announce: 4,
+            announce_interval: Duration::from_secs(10),
+            connect_delay: Duration::from_millis(200),
+            detect_down: Duration::from_secs(10),
+            join_spread: Duration::from_secs(2),
+            churn: Churn::default(),
+            seeder_leaves_after_copy: false,
+            time_limit: Duration::from_secs(3600),
+            seed,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct SimReport {
+    /// Downloaders alive at the end.
+    pub survivors: usize,
+    /// Of those, how many hold the whole, verified file.
+    pub completed: usize,
+    /// Virtual seconds until the last survivor completed (or the limit).
+    pub virtual_secs: f64,
+    /// Median completion time of survivors, virtual seconds from their (last) join.
+    pub median_secs: f64,
+    /// Chunk bytes received by all downloaders, over the bytes they needed.
+    pub received_ratio: f64,
+    /// Chunks that arrived twice, over chunks needed, as a percentage.
+    pub duplicate_pct: f64,
+    /// Chunks-missing rounds, all nodes together.
+    pub missing_rounds: u64,
+    /// Chunk bytes that left the seeder's uplink (whole chunks).
+    pub seeder_sent: u64,
+    /// Events processed.
+    pub events: u64,
+    /// A hash of every event: equal for equal configs.
+    pub digest: u64,
+    /// Nodes alive at the end that did not complete, with what they held.
+    pub unfinished: Vec<(usize, u64)>,
+    /// Chunks that failed verification (none in an honest pool).
+    pub bad_chunks: u64,
+    /// Each virtual second: (seconds, downloaders complete, bytes held by all downloaders,
+    /// bytes the seeder sent).
+    pub timeline: Vec<(u64, usize, u64, u64)>,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Join(usize),
+    Announce(usize, u32),
+    Connect(usize, usize),
+    Deliver {
+        to: usize,
+        from: usize,
+        epoch: u64,
+        channel: Channel,
+        msg: PoolMessage,
+    },
+    Sent {
+        node: usize,
+        peer: usize,
+        epoch: u64,
+    },
+    Down {
+        node: usize,
+        peer: usize,
+        epoch: u64,
+    },
+    Disk(usize, u32, DiskDone),
+    Timer(usize, u32),
+    Kill(usize, bool),
+}
+
+struct Queued {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+struct Node {
+    id: PeerId,
+    engine: Option<PoolEngine>,
+    /// Bumped on every restart: events of an earlier life are ignored.
+    life: u32,
+    /// Chunks on this node's disk, and whether the file is whole here.
+    have: ChunkRanges,
+    whole: bool,
+    /// Neighbour → link epoch (messages of an older link are dropped).
+    links: BTreeMap<usize, u64>,
+    pending: usize,
+    uplink_free: u64,
+    uplink: u64,
+    joined_at: u64,
+    finished_at: Option<u64>,
+    progress: Progress,
+    gone: bool,
+}
+
+/// The simulation.
+pub struct Sim {
+    cfg: SimConfig,
+    meta: FileMeta,
+    file_id: FileId,
+    count: u32,
+    nodes: Vec<Node>,
+    by_id: BTreeMap<PeerId, usize>,
+    queue: BinaryHeap<Reverse<Queued>>,
+    seq: u64,
+    now: u64,
+    base: Instant,
+    rng: fastrand::Rng,
+    next_epoch: u64,
+    digest: u64,
+    events: u64,
+    bad_chunks: u64,
+    /// Joins and kills still queued: the run is not over while any are.
+    pending_churn: usize,
+    seeder_sent: u64,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("nodes", &self.nodes.len())
+            .field("now_ns", &self.now)
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+const SEEDER: usize = 0;
+
+fn ns(d: Duration) -> u64 {
+    d.as_nanos() as u64
+}
+
+impl Sim {
+    /// Builds the pool: node 0 is the seeder, 1..=nodes download.
+    pub fn new(cfg: SimConfig) -> Self {
+        let chunk = cfg.pool.chunk_size;
+        let meta = FileMeta {
+            name: "sim.bin".into(),
+            size: cfg.file_size,
+            chunk_size: chunk,
+            root: [7; 32],
+        };
+        let count = meta.chunk_count().unwrap_or(1);
+        let mut rng = fastrand::Rng::with_seed(cfg.seed);
+        let mut nodes = Vec::new();
+        let mut by_id = BTreeMap::new();
+        for i in 0..=cfg.nodes {
+            let mut id = [0u8; 20];
+            id[..8].copy_from_slice(&rng.u64(..).to_le_bytes());
+            id[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+            by_id.insert(PeerId(id), i);
+            nodes.push(Node {
+                id: PeerId(id),
+                engine: None,
+                life: 0,
+                have: ChunkRanges::new(),
+                whole: i == SEEDER,
+                links: BTreeMap::new(),
+                pending: 0,
+                uplink_free: 0,
+                uplink: if i == SEEDER {
+                    cfg.seeder_uplink
+                } else {
+                    cfg.uplink
+                },
+                joined_at: 0,
+                finished_at: None,
+                progress: Progress::default(),
+                gone: false,
+            });
+        }
+        let mut sim = Sim {
+            file_id: meta.file_id(),
+            meta,
+            count,
+            nodes,
+            by_id,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            now: 0,
+            base: Instant::now(),
+            rng,
+            next_epoch: 1,
+            digest: 0xcbf2_9ce4_8422_2325,
+            events: 0,
+            bad_chunks: 0,
+            pending_churn: 0,
+            seeder_sent: 0,
+            cfg,
+        };
+        sim.schedule(0, Ev::Join(SEEDER));
+        let c = sim.cfg.churn.clone();
+        let (w0, w1) = (ns(c.window.0), ns(c.window.1).max(ns(c.window.0) + 1));
+        for i in 1..=sim.cfg.nodes {
+            let at = if sim.rng.f64() < c.late {
+                sim.rng.u64(w0..w1)
+            } else {
+                ns(Duration::from_millis(100)) + sim.rng.u64(..ns(sim.cfg.join_spread).max(1))
+            };
+            sim.schedule(at, Ev::Join(i));
+            let r = sim.rng.f64();
+            if r < c.kill {
+                let t = sim.rng.u64(w0..w1);
+                sim.schedule(t, Ev::Kill(i, false));
+            } else if r < c.kill + c.restart {
+                let t = sim.rng.u64(w0..w1);
+                sim.schedule(t, Ev::Kill(i, true));
+            }
+        }
+        sim
+    }
+
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        if matches!(ev, Ev::Join(_) | Ev::Kill(..)) {
+            self.pending_churn += 1;
+        }
+        self.seq += 1;
+        self.queue.push(Reverse(Queued {
+            at,
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + Duration::from_nanos(self.now)
+    }
+
+    fn mix(&mut self, x: u64) {
+        self.digest ^= x;
+        self.digest = self.digest.wrapping_mul(0x100_0000_01b3);
+    }
+
+    fn latency(&self, a: usize, b: usize) -> u64 {
+        // A fixed per-link draw within ±50%, from the pair alone.
+        let (lo, hi) = (a.min(b) as u64, a.max(b) as u64);
+        let h = (lo.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ hi).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let base = ns(self.cfg.latency);
+        base / 2 + h % base.max(1)
+    }
+
+    /// Runs to the end (every survivor complete, or the time limit).
+    pub fn run(mut self) -> SimReport {
+        let limit = ns(self.cfg.time_limit);
+        let mut timeline = Vec::new();
+        let mut next_second = 0;
+        while let Some(Reverse(q)) = self.queue.pop() {
+            while q.at >= next_second * 1_000_000_000 {
+                let held = self.nodes[1..].iter().map(|n| n.progress.have_bytes).sum();
+                let done = self.nodes[1..]
+                    .iter()
+                    .filter(|n| n.finished_at.is_some())
+                    .count();
+                timeline.push((next_second, done, held, self.seeder_sent));
+                next_second += 1;
+            }
+            if q.at > limit {
+                self.now = limit;
+                break;
+            }
+            self.now = q.at;
+            self.events += 1;
+            if matches!(q.ev, Ev::Join(_) | Ev::Kill(..)) {
+                self.pending_churn -= 1;
+            }
+            self.mix(q.at);
+            self.step(q.ev);
+            if self.events.is_multiple_of(4096) && self.done() {
+                break;
+            }
+        }
+        let mut r = self.report();
+        r.timeline = timeline;
+        r
+    }
+
+    fn done(&self) -> bool {
+        self.pending_churn == 0
+            && self.nodes[1..]
+                .iter()
+                .all(|n| n.gone || n.finished_at.is_some())
+    }
+
+    fn alive(&self, i: usize, life: u32) -> bool {
+        self.nodes[i].engine.is_some() && self.nodes[i].life == life
+    }
+
+    fn step(&mut self, ev: Ev) {
+        match ev {
+            Ev::Join(i) => self.join(i),
+            Ev::Announce(i, life) => {
+                if self.alive(i, life) {
+                    self.announce(i);
+                }
+            }
+            Ev::Connect(a, b) => self.connect(a, b),
+            Ev::Deliver {
+                to,
+                from,
+                epoch,
+                channel,
+                msg,
+            } => {
+                if self.nodes[to].links.get(&from) == Some(&epoch) {
+                    self.mix(to as u64);
+                    let peer = self.nodes[from].id;
+                    self.input(to, Input::Message { peer, channel, msg });
+                }
+            }
+            Ev::Sent { node, peer, epoch } => {
+                if node == SEEDER && self.nodes[node].engine.is_some() {
+                    self.seeder_sent += self.cfg.pool.chunk_size as u64;
+                }
+                if self.nodes[node].links.get(&peer) == Some(&epoch) {
+                    let p = self.nodes[peer].id;
+                    self.input(node, Input::Sent { peer: p, ok: true });
+                }
+            }
+            Ev::Down { node, peer, epoch } => {
+                if self.nodes[node].links.get(&peer) == Some(&epoch) {
+                    self.nodes[node].links.remove(&peer);
+                    let p = self.nodes[peer].id;
+                    self.input(node, Input::PeerDown(p));
+                    self.schedule_announce(node, 0);
+                }
+            }
+            Ev::Disk(i, life, done) => {
+                if self.alive(i, life) {
+                    self.input(i, Input::Disk(done));
+                }
+            }
+            Ev::Timer(i, life) => {
+                if self.alive(i, life) {
+                    let now = self.instant();
+                    if let Some(e) = self.nodes[i].engine.as_mut() {
+                        e.handle_timeout(now);
+                    }
+                    self.drain(i);
+                    self.schedule(self.now + ns(TICK), Ev::Timer(i, life));
+                }
+            }
+            Ev::Kill(i, restart) => self.kill(i, restart),
+        }
+    }
+
+    fn join(&mut self, i: usize) {
+        if self.nodes[i].engine.is_some() || self.nodes[i].gone {
+            return;
+        }
+        let seed = self.cfg.seed
+            ^ (i as u64).wrapping_mul(0x9e37_79b9)
+            ^ u64::from(self.nodes[i].life) << 40;
+        let mut pool = self.cfg.pool.clone();
+        if i == SEEDER {
+            pool.super_seed = self.cfg.seeder_leaves_after_copy;
+        }
+        let now = self.instant();
+        let mut e = PoolEngine::new(self.nodes[i].id, pool, now, seed);
+        let n = &mut self.nodes[i];
+        n.life += 1;
+        n.joined_at = self.now;
+        if i == SEEDER {
+            e.handle(
+                now,
+                Input::Share {
+                    meta: self.meta.clone(),
+                    super_seed: self.cfg.seeder_leaves_after_copy,
+                },
+            );
+        } else {
+            e.handle(now, Input::Get(self.file_id));
+        }
+        n.engine = Some(e);
+        let life = n.life;
+        self.drain(i);
+        self.schedule(self.now + ns(TICK), Ev::Timer(i, life));
+        self.announce(i);
+    }
+
+    fn schedule_announce(&mut self, i: usize, after: u64) {
+        let life = self.nodes[i].life;
+        self.schedule(self.now + after, Ev::Announce(i, life));
+    }
+
+    /// The tracker model: offers go to random members; those with room answer.
+    fn announce(&mut self, i: usize) {
+        let degree = self.nodes[i].links.len() + self.nodes[i].pending;
+        if degree >= self.cfg.max_peers {
+            return;
+        }
+        let members: Vec<usize> = (0..self.nodes.len())
+            .filter(|&j| j != i && self.nodes[j].engine.is_some())
+            .filter(|j| !self.nodes[i].links.contains_key(j))
+            .collect();
+        let want = self
+            .cfg
+            .offers_per_announce
+            .min(self.cfg.max_peers - degree);
+        for _ in 0..want.min(members.len()) {
+            let j = members[self.rng.usize(..members.len())];
+            let full = self.nodes[j].links.len() + self.nodes[j].pending >= self.cfg.max_peers;
+            if full {
+                // A full member makes room for a node with no neighbour (rotation).
+                if self.nodes[i].links.is_empty()
+                    && self.nodes[i].pending == 0
+                    && let Some((&victim, _)) = self.nodes[j].links.iter().next()
+                {
+                    self.unlink(j, victim, 0);
+                } else {
+                    continue;
+                }
+            }
+            self.nodes[i].pending += 1;
+            self.nodes[j].pending += 1;
+            self.schedule(self.now + ns(self.cfg.connect_delay), Ev::Connect(i, j));
+        }
+        self.schedule_announce(i, ns(self.cfg.announce_interval));
+    }
+
+    fn connect(&mut self, a: usize, b: usize) {
+        for x in [a, b] {
+            self.nodes[x].pending = self.nodes[x].pending.saturating_sub(1);
+        }
+        if self.nodes[a].engine.is_none()
+            || self.nodes[b].engine.is_none()
+            || self.nodes[a].links.contains_key(&b)
+        {
+            return;
+        }
+        // `b` may still hold a link to an earlier life of `a` it has not noticed is gone:
+        // the new connection replaces it, as the node's tie-break does.
+        if self.nodes[b].links.remove(&a).is_some() {
+            let id = self.nodes[a].id;
+            self.input(b, Input::PeerDown(id));
+        }
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.nodes[a].links.insert(b, epoch);
+        self.nodes[b].links.insert(a, epoch);
+        let (ia, ib) = (self.nodes[a].id, self.nodes[b].id);
+        self.input(a, Input::PeerUp(ib));
+        self.input(b, Input::PeerUp(ia));
+    }
+
+    /// Closes the link a–b: `a` knows at once, `b` after `after` ns.
+    fn unlink(&mut self, a: usize, b: usize, after: u64) {
+        let Some(epoch) = self.nodes[a].links.remove(&b) else {
+            return;
+        };
+        if self.nodes[a].engine.is_some() {
+            let id = self.nodes[b].id;
+            self.input(a, Input::PeerDown(id));
+        }
+        self.schedule(
+            self.now + after,
+            Ev::Down {
+                node: b,
+                peer: a,
+                epoch,
+            },
+        );
+    }
+
+    fn kill(&mut self, i: usize, restart: bool) {
+        if self.nodes[i].engine.is_none() {
+            return;
+        }
+        self.nodes[i].engine = None;
+        let links: Vec<usize> = self.nodes[i].links.keys().copied().collect();
+        for j in links {
+            let detect = ns(self.cfg.detect_down);
+            self.unlink(i, j, detect);
+        }
+        self.nodes[i].uplink_free = self.now;
+        if restart && !self.nodes[i].whole {
+            let back = self
+                .rng
+                .u64(ns(Duration::from_secs(1))..ns(Duration::from_secs(5)));
+            self.schedule(self.now + back, Ev::Join(i));
+        } else {
+            self.nodes[i].gone = true;
+        }
+    }
+
+    fn input(&mut self, i: usize, input: Input) {
+        let now = self.instant();
+        let Some(e) = self.nodes[i].engine.as_mut() else {
+            return;
+        };
+        e.handle(now, input);
+        self.drain(i);
+    }
+
+    fn drain(&mut self, i: usize) {
+        let life = self.nodes[i].life;
+        loop {
+            let Some(o) = self.nodes[i]
+                .engine
+                .as_mut()
+                .and_then(PoolEngine::poll_output)
+            else {
+                break;
+            };
+            match o {
+                Output::Send { peer, msg } => {
+                    let Some(&j) = self.by_id.get(&peer) else {
+                        continue;
+                    };
+                    let Some(&epoch) = self.nodes[i].links.get(&j) else {
+                        continue;
+                    };
+                    let at = self.now + self.latency(i, j);
+                    self.schedule(
+                        at,
+                        Ev::Deliver {
+                            to: j,
+                            from: i,
+                            epoch,
+                            channel: Channel::Control,
+                            msg,
+                        },
+                    );
+                }
+                Output::SendChunk {
+                    peer,
+                    file_id,
+                    request_id,
+                    index,
+                    chunk,
+                    ..
+                } => {
+                    let Some(&j) = self.by_id.get(&peer) else {
+                        continue;
+                    };
+                    let Some(&epoch) = self.nodes[i].links.get(&j) else {
+                        let now = self.instant();
+                        if let Some(e) = self.nodes[i].engine.as_mut() {
+                            e.handle(now, Input::Sent { peer, ok: false });
+                        }
+                        continue;
+                    };
+                    let size = self.meta.chunk_len(index).unwrap_or(0) as u64 + 100;
+                    let n = &mut self.nodes[i];
+                    let start = n.uplink_free.max(self.now);
+                    let departs = start + size * 1_000_000_000 / n.uplink.max(1);
+                    n.uplink_free = departs;
+                    self.schedule(
+                        departs,
+                        Ev::Sent {
+                            node: i,
+                            peer: j,
+                            epoch,
+                        },
+                    );
+                    let at = departs + self.latency(i, j);
+                    self.schedule(
+                        at,
+                        Ev::Deliver {
+                            to: j,
+                            from: i,
+                            epoch,
+                            channel: Channel::Chunks,
+                            msg: PoolMessage::Chunk {
+                                file_id,
+                                request_id,
+                                index,
+                                proof: chunk.proof,
+                                data: chunk.data,
+                            },
+                        },
+                    );
+                    if i == SEEDER && self.cfg.seeder_leaves_after_copy {
+                        let sent = self.nodes[SEEDER]
+                            .engine
+                            .as_ref()
+                            .map_or(0, |e| e.stats().served_distinct_bytes);
+                        if sent >= self.cfg.file_size {
+                            // Leaves once the last chunk of its copy is on the wire.
+                            self.schedule(departs + 1, Ev::Kill(SEEDER, false));
+                        }
+                    }
+                }
+                Output::Disk(job) => {
+                    let (done, delay) = self.disk(i, job);
+                    if let Some(done) = done {
+                        self.schedule(self.now + delay, Ev::Disk(i, life, done));
+                    }
+                }
+                Output::Disconnect { peer, .. } => {
+                    if let Some(&j) = self.by_id.get(&peer) {
+                        self.nodes[i].links.remove(&j);
+                        let epoch = self.nodes[j].links.get(&i).copied().unwrap_or(0);
+                        self.schedule(
+                            self.now,
+                            Ev::Down {
+                                node: j,
+                                peer: i,
+                                epoch,
+                            },
+                        );
+                    }
+                }
+                Output::Progress { progress, .. } => self.nodes[i].progress = progress,
+                Output::Finished { result, .. } => {
+                    if result.is_ok() {
+                        self.nodes[i].finished_at = Some(self.now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The disk model: instant verification (a chunk's token says whether it is good),
+    /// re-hash at 1 GB/s.
+    fn disk(&mut self, i: usize, job: DiskJob) -> (Option<DiskDone>, u64) {
+        let n = &mut self.nodes[i];
+        match job {
+            DiskJob::Open { file_id, .. } => (
+                Some(DiskDone::Opened {
+                    file_id,
+                    result: Ok((n.have.clone(), n.have.clone())),
+                }),
+                0,
+            ),
+            DiskJob::Store(job) => {
+                let result = if job.chunk.data.as_ref() != b"ok" {
+                    self.bad_chunks += 1;
+                    Err(StoreFailure::Bad("bad token".into()))
+                } else {
+                    let mut s = Stored {
+                        new: false,
+                        kept: n.whole,
+                        cache: None,
+                        evicted: Vec::new(),
+                    };
+                    if job.keep == Keep::Download && !n.whole {
+                        s.new = !n.have.contains(job.index);
+                        n.have.insert(job.index..job.index + 1);
+                        s.kept = true;
+                    }
+                    Ok(s)
+                };
+                (Some(DiskDone::Stored { job, result }), 0)
+            }
+            DiskJob::Read(job) => {
+                let held = match job.from {
+                    ReadFrom::Whole => n.whole,
+                    ReadFrom::Download => n.whole || n.have.contains(job.index),
+                    ReadFrom::Cache => false,
+                };
+                let chunk = held.then(|| ChunkData {
+                    data: Bytes::from_static(b"ok"),
+                    proof: Vec::new(),
+                });
+                (Some(DiskDone::Read { job, chunk }), 0)
+            }
+            DiskJob::Finish { file_id } => {
+                n.whole = true;
+                let rehash = self.cfg.file_size; // ns at 1 GB/s
+                (
+                    Some(DiskDone::Finished {
+                        file_id,
+                        result: Ok(()),
+                    }),
+                    rehash,
+                )
+            }
+            DiskJob::Close { .. } | DiskJob::EvictCache { .. } => (None, 0),
+        }
+    }
+
+    fn report(&self) -> SimReport {
+        let survivors: Vec<&Node> = self.nodes[1..].iter().filter(|n| !n.gone).collect();
+        let completed = survivors
+            .iter()
+            .filter(|n| n.finished_at.is_some() && n.whole)
+            .count();
+        let mut times: Vec<u64> = survivors
+            .iter()
+            .filter_map(|n| Some(n.finished_at?.saturating_sub(n.joined_at)))
+            .collect();
+        times.sort_unstable();
+        let last = survivors
+            .iter()
+            .filter_map(|n| n.finished_at)
+            .max()
+            .unwrap_or(self.now);
+        let needed = self.cfg.file_size as f64 * survivors.len().max(1) as f64;
+        let received: u64 = self.nodes[1..]
+            .iter()
+            .map(|n| n.progress.received_bytes)
+            .sum();
+        let dups: u64 = self.nodes[1..].iter().map(|n| n.progress.duplicates).sum();
+        let missing_rounds = self.nodes[1..]
+            .iter()
+            .map(|n| n.progress.missing_rounds)
+            .sum();
+        SimReport {
+            survivors: survivors.len(),
+            completed,
+            virtual_secs: if completed == survivors.len() {
+                last as f64 / 1e9
+            } else {
+                self.now as f64 / 1e9
+            },
+            median_secs: times.get(times.len() / 2).map_or(0.0, |t| *t as f64 / 1e9),
+            received_ratio: received as f64 / needed,
+            duplicate_pct: 100.0 * dups as f64
+                / (f64::from(self.count) * survivors.len().max(1) as f64),
+            missing_rounds,
+            seeder_sent: self.seeder_sent,
+            events: self.events,
+            digest: self.digest,
+            unfinished: self.nodes[1..]
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| !n.gone && n.finished_at.is_none())
+                .map(|(i, n)| (i + 1, n.have.len()))
+                .collect(),
+            bad_chunks: self.bad_chunks,
+            timeline: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for SimReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} survivors complete in {:.1} virtual s (median {:.1} s); received {:.3}x the \
+             bytes needed, duplicates {:.2}%, chunks-missing rounds {}, {} events, digest {:016x}",
+            self.completed,
+            self.survivors,
+            self.virtual_secs,
+            self.median_secs,
+            self.received_ratio,
+            self.duplicate_pct,
+            self.missing_rounds,
+            self.events,
+            self.digest
+        )
+    }
+}
