@@ -383,9 +383,16 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
                     source: f.source.clone(),
                     request_id: id,
                 });
-                // Prefer someone else next time: rotate past the silent source.
+                // Prefer someone else next time: rotate past the silent source, and stop
+                // counting on it for chunks another source holds until it offers them anew
+                // (a peer that announces chunks it never sends is asked for each once).
                 if let Some(pos) = self.sources.iter().position(|(s, ..)| *s == f.source) {
                     self.next_source = pos + 1;
+                    if elsewhere {
+                        let (_, holds, via) = &mut self.sources[pos];
+                        *holds = holds.difference(&f.outstanding);
+                        *via = via.difference(&f.outstanding);
+                    }
                 }
                 self.waiting.push(&f.outstanding, f.attempt + 1);
             }

@@ -5,85 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::pool::*;
 use common::*;
-use tidepool_node::pool::{Pool, PoolConfig};
-use tidepool_node::{Node, NodeConfig};
-
-fn random_file(dir: &Path, len: usize) -> PathBuf {
-    let path = dir.join("source.bin");
-    let mut data = vec![0u8; len];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for b in &mut data {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(&path, &data).expect("write source");
-    path
-}
-
-fn temp(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tidepool-pipe-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-fn node_config(tracker: &tidepool_tracker::Tracker, pool: &str) -> NodeConfig {
-    let mut c = config(tracker, pool);
-    c.max_message_size = Pool::message_size_for(64 * 1024);
-    c.peer_id = tidepool_node::config::random_peer_id();
-    c
-}
-
-/// These tests move megabytes through debug-build WebRTC stacks; run one at a time so a
-/// 2-core machine keeps handshakes and heartbeats inside their timeouts.
-async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
-    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
-        .lock()
-        .await
-}
-
-fn pool_config() -> PoolConfig {
-    let mut p = PoolConfig::default();
-    p.fetch.missing_after = Duration::from_secs(2);
-    p.fetch.give_up_after = Duration::from_secs(25);
-    p
-}
-
-/// Waits for `download` to finish verified (`what` names the failure) and checks its bytes
-/// equal `source`'s.
-async fn finishes_identical(download: tidepool_node::pool::Download, source: &Path, what: &str) {
-    let path = tokio::time::timeout(WAIT, download.finished())
-        .await
-        .expect("finishes in time")
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(
-        std::fs::read(path).expect("read"),
-        std::fs::read(source).expect("read")
-    );
-}
-
-/// Starts a download, failing the test if no offer of the file arrives in time.
-async fn start_get(
-    pool: &Pool,
-    id: tidepool_node::pool::FileId,
-    target: &Path,
-) -> tidepool_node::pool::Download {
-    tokio::time::timeout(WAIT, pool.get(id, target))
-        .await
-        .expect("an offer of the file arrives")
-        .expect("the download starts")
-}
-
-async fn pool(c: NodeConfig, p: PoolConfig) -> Pool {
-    Pool::start(Node::join(c).await.expect("joins"), p).expect("pool starts")
-}
+use tidepool_node::Node;
+use tidepool_node::pool::PoolConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeder_and_three_downloaders_all_finish_identical_with_few_duplicates() {

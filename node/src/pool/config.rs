@@ -65,6 +65,10 @@ pub struct PoolConfig {
     /// Test hook: corrupt every chunk this node serves from disk (to test that peers drop it).
     #[doc(hidden)]
     pub corrupt_outgoing: bool,
+    /// Test hook: a finished download's re-hash takes this much longer (to test that a
+    /// slow finish holds up nothing).
+    #[doc(hidden)]
+    pub slow_finish: Duration,
 }
 
 impl Default for PoolConfig {
@@ -90,6 +94,7 @@ impl Default for PoolConfig {
             cache_dir: None,
             super_seed: false,
             corrupt_outgoing: false,
+            slow_finish: Duration::ZERO,
         }
     }
 }

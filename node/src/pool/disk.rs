@@ -46,6 +46,7 @@ pub(super) struct Disk {
     targets: HashMap<FileId, PathBuf>,
     cache: Option<RelayCache>,
     corrupt_outgoing: bool,
+    slow_finish: Duration,
     done: mpsc::UnboundedSender<DiskDone>,
     me: std_mpsc::Sender<DiskMsg>,
     counters: Arc<DiskCounters>,
@@ -56,7 +57,7 @@ pub(super) struct Disk {
 /// and one open or finish per download out at once.
 pub(super) fn start(
     cache: Option<RelayCache>,
-    corrupt_outgoing: bool,
+    (corrupt_outgoing, slow_finish): (bool, Duration),
     done: mpsc::UnboundedSender<DiskDone>,
     counters: Arc<DiskCounters>,
 ) -> std::io::Result<(std_mpsc::Sender<DiskMsg>, std::thread::JoinHandle<()>)> {
@@ -67,6 +68,7 @@ pub(super) fn start(
         targets: HashMap::new(),
         cache,
         corrupt_outgoing,
+        slow_finish,
         done,
         me: tx.clone(),
         counters,
@@ -160,12 +162,13 @@ impl Disk {
                     return;
                 };
                 let (path, meta) = (part.part_path().to_owned(), part.meta().clone());
-                let me = self.me.clone();
+                let (me, slow) = (self.me.clone(), self.slow_finish);
                 // Re-hashing a large file takes a while: on its own thread, reading through
                 // its own handle, while this thread keeps serving from the `.part` file.
                 let spawned = std::thread::Builder::new()
                     .name("tidepool-rehash".into())
                     .spawn(move || {
+                        std::thread::sleep(slow);
                         let f =
                             SharedFile::open_as(&path, &meta).and_then(|f| f.sync().map(|()| f));
                         let _ = me.send(DiskMsg::Rehashed(file_id, f));

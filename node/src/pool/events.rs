@@ -271,6 +271,8 @@ pub struct EngineStats {
     pub bad_chunks: u64,
     /// Neighbours dropped for breaking the protocol or sending bad chunks.
     pub dropped_peers: u64,
+    /// Offers received.
+    pub offers_heard: u64,
     /// Offers ignored: over a neighbour's rate, or of impossible or too-large-chunk files.
     pub offers_ignored: u64,
     /// Chunks of requests refused for a full request queue (answered Unavailable).

@@ -18,6 +18,8 @@ mod relay;
 mod requests;
 mod serve;
 pub mod sim;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -121,6 +123,8 @@ struct Shared {
     node: Node,
     config: PoolConfig,
     stats: Mutex<EngineStats>,
+    /// Neighbours dropped because their control outbox filled (they stopped reading).
+    slow_readers: std::sync::atomic::AtomicU64,
     disk_counters: Arc<disk::DiskCounters>,
 }
 
@@ -183,19 +187,23 @@ impl Pool {
         };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let counters = Arc::new(disk::DiskCounters::default());
-        let (disk_tx, disk_thread) =
-            disk::start(cache, config.corrupt_outgoing, done_tx, counters.clone()).map_err(
-                |e| StoreError::Io {
-                    path: PathBuf::from("<disk thread>"),
-                    source: e,
-                },
-            )?;
+        let (disk_tx, disk_thread) = disk::start(
+            cache,
+            (config.corrupt_outgoing, config.slow_finish),
+            done_tx,
+            counters.clone(),
+        )
+        .map_err(|e| StoreError::Io {
+            path: PathBuf::from("<disk thread>"),
+            source: e,
+        })?;
         let seed = u64::from_le_bytes(node.peer_id().0[..8].try_into().unwrap_or_default());
         let engine = PoolEngine::new(node.peer_id(), config.clone(), Instant::now(), seed);
         let shared = Arc::new(Shared {
             node,
             config,
             stats: Mutex::new(EngineStats::default()),
+            slow_readers: Default::default(),
             disk_counters: counters,
         });
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -261,9 +269,16 @@ impl Pool {
         self.stats().bad_chunks
     }
 
-    /// Peers this pipeline disconnected for breaking the protocol or sending bad chunks.
+    /// Peers this pipeline disconnected for breaking the protocol, sending bad chunks, or
+    /// not reading their control channel.
     pub fn dropped_peers(&self) -> u64 {
-        self.stats().dropped_peers
+        self.stats().dropped_peers + self.dropped_slow_readers()
+    }
+
+    /// Peers dropped because they stopped reading their control channel (its outbox, of
+    /// `control_outbox_bytes`, filled).
+    pub fn dropped_slow_readers(&self) -> u64 {
+        self.shared.slow_readers.load(Relaxed)
     }
 
     /// What this node has sent: chunk bytes served from its own copies (whole, partial or
@@ -559,6 +574,7 @@ impl Driver {
                     ?peer,
                     "dropping peer: its control outbox is full (it stopped reading)"
                 );
+                self.shared.slow_readers.fetch_add(1, Relaxed);
                 self.shared
                     .node
                     .disconnect(peer, "control outbox full: not reading");

@@ -111,6 +111,7 @@ impl PoolEngine {
         let Some(n) = self.neighbours.get_mut(&peer) else {
             return;
         };
+        self.stats.offers_heard += 1;
         if !n.offers.take(now, rate, burst) {
             n.offers_ignored += 1;
             self.stats.offers_ignored += 1;

@@ -2,6 +2,8 @@
 //! loopback with short timeouts, and bounded waits for events.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod pool;
+
 use std::time::Duration;
 
 use tidepool_node::{Event, Node, NodeConfig, PeerId};
