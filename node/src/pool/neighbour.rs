@@ -92,7 +92,8 @@ pub(super) struct Neighbour {
     pub(super) given: BTreeMap<FileId, ChunkRanges>,
     /// Disk reads for it not back yet, and chunks handed to its channel not yet sent.
     pub(super) reads: usize,
-    pub(super) sending: usize,
+    /// In order, as the channel takes them: (file, chunk, relayed).
+    pub(super) sending: VecDeque<(FileId, u32, bool)>,
     /// Offers it sent (rate-limited), and how many were ignored for the rate.
     pub(super) offers: Bucket,
     pub(super) offers_ignored: u64,
@@ -117,7 +118,7 @@ impl Neighbour {
             promises: Vec::new(),
             given: BTreeMap::new(),
             reads: 0,
-            sending: 0,
+            sending: VecDeque::new(),
             offers: Bucket::new(now, offer_burst),
             offers_ignored: 0,
             unsolicited: 0,
@@ -226,7 +227,7 @@ impl Neighbour {
 
     /// Chunks (reads and sends) in progress for it.
     pub(super) fn in_progress(&self) -> usize {
-        self.reads + self.sending
+        self.reads + self.sending.len()
     }
 }
 

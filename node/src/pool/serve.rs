@@ -99,10 +99,7 @@ impl PoolEngine {
                 n.reads = n.reads.saturating_sub(1);
                 match chunk {
                     Some(chunk) => {
-                        n.sending += 1;
-                        if let Some(m) = self.meta(&job.file_id) {
-                            self.stats.served_bytes += chunk_bytes(&m, job.index..job.index + 1);
-                        }
+                        n.sending.push_back((job.file_id, job.index, false));
                         self.out.push_back(Output::SendChunk {
                             peer: job.peer,
                             file_id: job.file_id,
@@ -317,10 +314,31 @@ impl PoolEngine {
         if !ok {
             self.stats.sends_failed += 1;
         }
-        if let Some(n) = self.neighbours.get_mut(&peer) {
-            n.sending = n.sending.saturating_sub(1);
-            self.pump(peer);
+        let Some(n) = self.neighbours.get_mut(&peer) else {
+            return;
+        };
+        let sent = n.sending.pop_front();
+        if let Some((file_id, index, relayed)) = sent
+            && ok
+        {
+            // Counted once the channel took it: a chunk queued for a neighbour that left
+            // was not uploaded.
+            if let Some(m) = self.meta(&file_id) {
+                let len = chunk_bytes(&m, index..index + 1);
+                if relayed {
+                    self.stats.relayed_bytes += len;
+                } else {
+                    self.stats.served_bytes += len;
+                }
+                if let Some(w) = self.whole.get_mut(&file_id)
+                    && !w.sent_once.contains(index)
+                {
+                    w.sent_once.insert(index..index + 1);
+                    self.stats.served_distinct_bytes += len;
+                }
+            }
         }
+        self.pump(peer);
     }
 
     /// Hands `peer`'s channel more chunks while it has fewer than `send_window` in
@@ -333,15 +351,7 @@ impl PoolEngine {
                 break;
             }
             if let Some(r) = n.ready.pop_front() {
-                n.sending += 1;
-                if let Some(m) = self.meta(&r.file_id) {
-                    let len = chunk_bytes(&m, r.index..r.index + 1);
-                    if r.relayed {
-                        self.stats.relayed_bytes += len;
-                    } else {
-                        self.stats.served_bytes += len;
-                    }
-                }
+                n.sending.push_back((r.file_id, r.index, r.relayed));
                 self.out.push_back(Output::SendChunk {
                     peer,
                     file_id: r.file_id,
@@ -397,15 +407,11 @@ impl PoolEngine {
     /// Whether chunk `index` of a whole file may go to `peer` now: always, except in the
     /// file's initial seeding pass for a chunk already given to a neighbour still here. The
     /// pass ends when every chunk has been given out; the full offer then goes out again,
-    /// so neighbours told Unavailable ask here again. Counts distinct bytes sent.
+    /// so neighbours told Unavailable ask here again.
     fn give_once(&mut self, peer: PeerId, file_id: FileId, index: u32) -> bool {
         let Some(w) = self.whole.get_mut(&file_id) else {
             return true;
         };
-        if !w.sent_once.contains(index) {
-            w.sent_once.insert(index..index + 1);
-            self.stats.served_distinct_bytes += chunk_bytes(&w.meta, index..index + 1);
-        }
         if !w.super_seed {
             return true;
         }

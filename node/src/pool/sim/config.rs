@@ -33,7 +33,8 @@ pub struct SimConfig {
     pub join_spread: Duration,
     /// Churn.
     pub churn: Churn,
-    /// The seeder super-seeds and leaves once it has sent one full copy.
+    /// The seeder super-seeds and leaves once it has sent one full copy and that copy has
+    /// arrived (every chunk held by some downloader).
     pub seeder_leaves_after_copy: bool,
     /// Give up at this virtual time.
     pub time_limit: Duration,

@@ -120,6 +120,7 @@ pub struct Sim {
     /// Joins and kills still queued: the run is not over while any are.
     pending_churn: usize,
     seeder_sent: u64,
+    next_copy_check: u64,
 }
 
 impl std::fmt::Debug for Sim {
@@ -194,6 +195,7 @@ impl Sim {
             bad_chunks: 0,
             pending_churn: 0,
             seeder_sent: 0,
+            next_copy_check: 0,
             cfg,
         };
         sim.schedule(0, Ev::Join(SEEDER));
@@ -289,6 +291,14 @@ impl Sim {
                 .all(|n| n.gone || n.finished_at.is_some())
     }
 
+    fn one_copy_in_pool(&self) -> bool {
+        let held = self.nodes[1..]
+            .iter()
+            .filter(|n| n.engine.is_some())
+            .fold(ChunkRanges::new(), |acc, n| acc.union(&n.have));
+        held.len() >= u64::from(self.count)
+    }
+
     fn alive(&self, i: usize, life: u32) -> bool {
         self.nodes[i].engine.is_some() && self.nodes[i].life == life
     }
@@ -322,6 +332,21 @@ impl Sim {
                 if self.nodes[node].links.get(&peer) == Some(&epoch) {
                     let p = self.nodes[peer].id;
                     self.input(node, Input::Sent { peer: p, ok: true });
+                }
+                if node == SEEDER && self.cfg.seeder_leaves_after_copy {
+                    let sent = self.nodes[SEEDER]
+                        .engine
+                        .as_ref()
+                        .map_or(0, |e| e.stats().served_distinct_bytes);
+                    // Leaves once its copy has gone out and arrived: every chunk held by a
+                    // downloader (a chunk on the wire to a neighbour that just closed the
+                    // link is lost, and would be sent again).
+                    if sent >= self.cfg.file_size && self.now >= self.next_copy_check {
+                        self.next_copy_check = self.now + ns(TICK);
+                        if self.one_copy_in_pool() {
+                            self.schedule(self.now + 1, Ev::Kill(SEEDER, false));
+                        }
+                    }
                 }
             }
             Ev::Down { node, peer, epoch } => {
@@ -577,16 +602,6 @@ impl Sim {
                             },
                         },
                     );
-                    if i == SEEDER && self.cfg.seeder_leaves_after_copy {
-                        let sent = self.nodes[SEEDER]
-                            .engine
-                            .as_ref()
-                            .map_or(0, |e| e.stats().served_distinct_bytes);
-                        if sent >= self.cfg.file_size {
-                            // Leaves once the last chunk of its copy is on the wire.
-                            self.schedule(departs + 1, Ev::Kill(SEEDER, false));
-                        }
-                    }
                 }
                 Output::Disk(job) => {
                     let (done, delay) = self.disk(i, job);
