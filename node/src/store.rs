@@ -503,6 +503,51 @@ mod tests {
         assert!(part.read_chunk(0).expect("read").is_none());
     }
 
+    fn rss() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    #[test]
+    fn proofs_stay_on_disk_so_memory_does_not_grow_with_the_chunk_count() {
+        // 2^18 chunks: their proofs (18 hashes each) would take ~160 MiB held in memory,
+        // as a 64 GiB file of 64 KiB chunks would take ~0.7 GiB.
+        let dir = temp("many-chunks");
+        let (chunk, n) = (64u32, 1u32 << 18);
+        let data = vec![0u8; chunk as usize];
+        let tree = HashTree::from_leaves(
+            (0..n)
+                .map(|i| tidepool_protocol::pool::tree::leaf_hash(i, &data))
+                .collect(),
+        );
+        let meta = FileMeta {
+            name: "many.bin".into(),
+            size: u64::from(n) * u64::from(chunk),
+            chunk_size: chunk,
+            root: tree.root(),
+        };
+        let target = dir.join("many.bin");
+        let mut part = PartialFile::open(&target, &meta).expect("start");
+        let before = rss();
+        for i in 0..n {
+            assert!(
+                part.write_chunk(i, &data, &tree.proof(i))
+                    .expect("verified")
+            );
+        }
+        let grew = rss().saturating_sub(before);
+        assert!(grew < 48 << 20, "RSS grew {grew} bytes for {n} chunks");
+        assert_eq!(part.servable().len(), u64::from(n));
+        let (d, proof) = part.read_chunk(n - 1).expect("read").expect("servable");
+        assert_eq!((d, proof), (data.clone(), tree.proof(n - 1)));
+        drop(part);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn finishing_early_and_foreign_state_files_are_refused() {
         let dir = temp("refuse");
