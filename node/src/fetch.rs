@@ -243,16 +243,17 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
     /// `source` will not send `chunks` of `request_id` after all: they go back to the
     /// waiting list at once, and that source is not asked for them again until it offers
     /// them anew.
-    pub fn unavailable(&mut self, source: &P, request_id: u64, chunks: &ChunkRanges) {
+    /// Returns whether anything changed.
+    pub fn unavailable(&mut self, source: &P, request_id: u64, chunks: &ChunkRanges) -> bool {
         let Some(f) = self.in_flight.get_mut(&request_id) else {
-            return;
+            return false;
         };
         if f.source != *source {
-            return;
+            return false;
         }
         let lost = f.outstanding.intersection(chunks);
         if lost.is_empty() {
-            return;
+            return false;
         }
         f.outstanding = f.outstanding.difference(&lost);
         let attempt = f.attempt;
@@ -261,6 +262,7 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             *via = via.difference(&lost);
         }
         self.waiting.push(&lost, attempt);
+        true
     }
 
     /// `source` is gone: what it owed goes back to the waiting list at once.
@@ -423,6 +425,13 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             let since = *self.direct_dry_since.get_or_insert(now);
             now.duration_since(since) >= self.config.relay_after
         };
+        // What every source but one holds, for each one: unions before and after it.
+        let mut prefix = vec![ChunkRanges::new(); n + 1];
+        let mut suffix = vec![ChunkRanges::new(); n + 1];
+        for i in 0..n {
+            prefix[i + 1] = prefix[i].union(&self.sources[i].1);
+            suffix[n - 1 - i] = suffix[n - i].union(&self.sources[n - 1 - i].1);
+        }
         let mut busy: Vec<u64> = vec![0; n];
         for f in self.in_flight.values() {
             if let Some(i) = self.sources.iter().position(|(s, ..)| *s == f.source) {
@@ -445,12 +454,7 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             let (source, holds, via) = &self.sources[i];
             // Rarest first, roughly: what only this source holds goes first, so a source
             // many share (a seeder) spends its upload on chunks nobody else can give.
-            let others = self
-                .sources
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .fold(ChunkRanges::new(), |acc, (_, (_, h, _))| acc.union(h));
+            let others = prefix[i].union(&suffix[i + 1]);
             let prefer = holds.difference(&others);
             let holds = if relays {
                 holds.union(&via.difference(&direct))

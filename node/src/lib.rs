@@ -227,6 +227,8 @@ pub struct NodeStats {
     pub udp_rcvbuf_errors: Option<u64>,
     /// The UDP receive buffer the kernel granted (Linux reports double the request).
     pub udp_buffer_granted: Option<u64>,
+    /// Delivery receipts not sent because too many were being sent at once.
+    pub receipts_dropped: u64,
 }
 
 /// What can go wrong.

@@ -58,6 +58,9 @@ pub(crate) struct Inner {
     /// Connects, disconnects and tracker changes: never dropped, so they have a lane of
     /// their own (a few per connection's life, bounded by the connection churn).
     pub(crate) lifecycle_tx: mpsc::UnboundedSender<Event>,
+    /// Delivery-receipt tasks running, and receipts dropped past their bound.
+    pub(crate) receipt_tasks: std::sync::atomic::AtomicUsize,
+    pub(crate) receipts_dropped: AtomicU64,
     pub(crate) table: Mutex<Table>,
     pub(crate) streams: Mutex<HashMap<(PeerId, Channel), mpsc::Sender<crate::stream::Item>>>,
     pub(crate) next_link_id: AtomicU64,
@@ -111,6 +114,9 @@ impl Inner {
     }
 }
 
+/// Delivery receipts being sent at once; more are dropped (and counted).
+const MAX_RECEIPT_TASKS: usize = 64;
+
 /// A pool peer. Create with [`Node::join`]; read what happens with [`Node::next_event`];
 /// send with [`Node::send`] and friends; leave with [`Node::leave`].
 #[derive(Debug)]
@@ -132,6 +138,8 @@ impl Node {
             core_tx,
             events_tx,
             lifecycle_tx,
+            receipt_tasks: Default::default(),
+            receipts_dropped: AtomicU64::new(0),
             table: Mutex::new(Table::default()),
             streams: Mutex::new(HashMap::new()),
             next_link_id: AtomicU64::new(1),
@@ -216,12 +224,22 @@ impl Node {
         } = &event
             && let Ok(link) = self.inner.established(peer)
         {
-            let id = *id;
-            tokio::spawn(async move {
-                let _ = link
-                    .send_frame(Channel::Control, wire::receipt(ReceiptKind::Delivered, id))
-                    .await;
-            });
+            // Sent by a task, so taking the event is never cut short by an await; at most
+            // MAX_RECEIPT_TASKS at once (a peer asking a receipt for each of a flood would
+            // pile them up), past that the receipt is dropped and counted.
+            let tasks = &self.inner.receipt_tasks;
+            if tasks.fetch_add(1, Relaxed) < MAX_RECEIPT_TASKS {
+                let (inner, id) = (self.inner.clone(), *id);
+                tokio::spawn(async move {
+                    let _ = link
+                        .send_frame(Channel::Control, wire::receipt(ReceiptKind::Delivered, id))
+                        .await;
+                    inner.receipt_tasks.fetch_sub(1, Relaxed);
+                });
+            } else {
+                tasks.fetch_sub(1, Relaxed);
+                self.inner.receipts_dropped.fetch_add(1, Relaxed);
+            }
         }
         Some(event)
     }
@@ -363,6 +381,7 @@ impl Node {
                 _ => None,
             },
             udp_buffer_granted: i.runtime.granted_buffer(),
+            receipts_dropped: i.receipts_dropped.load(Relaxed),
         }
     }
 

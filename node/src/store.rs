@@ -304,6 +304,8 @@ impl PartialFile {
         for h in proof {
             slot.extend_from_slice(h);
         }
+        // Whole slots, so reading any slot back never runs past the end of the file.
+        slot.resize(slot.len().max(self.slot as usize), 0);
         if slot.len() as u64 <= self.slot {
             self.proofs
                 .write_all_at(&slot, u64::from(index) * self.slot)
@@ -447,6 +449,13 @@ mod tests {
         assert_eq!(
             part.read_chunk(4).expect("read").expect("servable"),
             shared.read_chunk(4).expect("read")
+        );
+        // The last chunk's proof is shorter than the first's: its slot still reads back.
+        let (d, p) = shared.read_chunk(24).expect("read");
+        part.write_chunk(24, &d, &p).expect("verified");
+        assert_eq!(
+            part.read_chunk(24).expect("read").expect("servable"),
+            (d, p)
         );
         assert!(matches!(
             PartialFile::open(&target, &meta).map(|p| p.have().len()),

@@ -173,7 +173,7 @@ async fn a_peer_offering_a_hundred_thousand_files_is_rate_limited_and_an_honest_
         taken as f64 <= allowed,
         "{taken} offers taken in {took:.1} s: {stats:?}"
     );
-    assert!(stats.catalog_evicted > 0 || taken <= c.max_catalog as u64);
+    assert!(stats.catalog_files <= c.max_catalog as u64, "{stats:?}");
     s.honest_download().await;
     s.within_memory_bound();
     reader.abort();
@@ -206,6 +206,11 @@ async fn a_flood_of_requests_and_cancels_stays_bounded_and_an_honest_download_co
             break;
         }
     }
+    // Its tables stay within their bounds.
+    let stats = s.seeder.engine_stats();
+    let c = PoolConfig::default();
+    assert!(stats.queued_chunks <= c.request_queue, "{stats:?}");
+    assert!(stats.relayed_requests <= c.max_relayed as u64, "{stats:?}");
     // The seeder keeps serving everyone else meanwhile.
     s.honest_download().await;
     s.within_memory_bound();
@@ -270,7 +275,10 @@ async fn a_peer_that_never_reads_its_control_channel_is_dropped_once_its_outbox_
 async fn a_peer_announcing_chunks_it_never_sends_costs_a_stall_and_the_download_completes() {
     let _serial = one_at_a_time().await;
     let s = scene("liar", pool_config(), |_| {}).await;
-    let downloader = pool(node_config(&s.tracker, s.tag), pool_config()).await;
+    // A few chunks per request, so both sources are asked.
+    let mut spread = pool_config();
+    spread.fetch.max_in_flight = 4;
+    let downloader = pool(node_config(&s.tracker, s.tag), spread).await;
     let liar_sees = next_peer(&s.raw).await;
     assert_eq!(liar_sees, downloader.node().peer_id());
     // "I hold every chunk", as the file's holder — then silence.
@@ -286,14 +294,34 @@ async fn a_peer_announcing_chunks_it_never_sends_costs_a_stall_and_the_download_
         have: ChunkRanges::full(16),
     };
     assert!(send(&s.raw, liar_sees, Channel::Control, &lie).await);
-    let raw = s.raw.clone();
-    let reader = keep_reading(raw);
+    // The liar reads (and counts) what it is asked, and answers nothing.
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = tokio::spawn({
+        let (raw, asked) = (s.raw.clone(), asked.clone());
+        async move {
+            while let Some(e) = raw.next_event().await {
+                if let Event::Message { data, .. } = e
+                    && let Ok(PoolMessage::FileRequest { requested, .. }) =
+                        PoolMessage::decode(&data, &Default::default())
+                {
+                    asked.fetch_add(requested.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    });
     let target = s.dir.join("copy.bin");
     let download = start_get(&downloader, s.id, &target).await;
     let progress = download.progress.clone();
     finishes_identical(download, &s.source, "around the liar").await;
     let p = progress.borrow().clone();
-    eprintln!("with a liar: {p:?}");
+    let asked = asked.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(asked > 0, "the liar was asked for chunks");
+    // Each chunk it was asked for came from the seeder after one stall, not from it.
+    assert!(p.missing_rounds >= 1, "{p:?}");
+    assert!(
+        asked <= 16,
+        "never asked again for chunks it did not send: {asked}"
+    );
     s.within_memory_bound();
     reader.abort();
     s.finish();

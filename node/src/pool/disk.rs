@@ -30,6 +30,8 @@ pub(super) enum DiskMsg {
     Share(Arc<SharedFile>),
     /// A finish's re-hash is done.
     Rehashed(FileId, Result<SharedFile, StoreError>),
+    /// A download's files are open (its held chunks' proofs checked).
+    Opened(FileId, Result<PartialFile, StoreError>),
     /// Close everything (saving downloads' state) and stop.
     Stop,
 }
@@ -52,6 +54,9 @@ pub(super) struct Disk {
     counters: Arc<DiskCounters>,
 }
 
+/// Set when the pool stops: queued jobs are skipped, so stopping waits for one job at most.
+pub(super) type Stopping = Arc<std::sync::atomic::AtomicBool>;
+
 /// Starts the disk thread. `done` carries results to the event loop; its queue is bounded
 /// by the engine, which has at most `disk_queue` stores, `send_window` reads per neighbour
 /// and one open or finish per download out at once.
@@ -60,6 +65,7 @@ pub(super) fn start(
     (corrupt_outgoing, slow_finish): (bool, Duration),
     done: mpsc::UnboundedSender<DiskDone>,
     counters: Arc<DiskCounters>,
+    stopping: Stopping,
 ) -> std::io::Result<(std_mpsc::Sender<DiskMsg>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std_mpsc::channel();
     let disk = Disk {
@@ -75,13 +81,16 @@ pub(super) fn start(
     };
     let handle = std::thread::Builder::new()
         .name("tidepool-disk".into())
-        .spawn(move || disk.run(rx))?;
+        .spawn(move || disk.run(rx, stopping))?;
     Ok((tx, handle))
 }
 
 impl Disk {
-    fn run(mut self, rx: std_mpsc::Receiver<DiskMsg>) {
+    fn run(mut self, rx: std_mpsc::Receiver<DiskMsg>, stopping: Stopping) {
         loop {
+            if stopping.load(Relaxed) {
+                return;
+            }
             let msg = match rx.recv_timeout(Duration::from_millis(250)) {
                 Ok(m) => Some(m),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => None,
@@ -109,7 +118,7 @@ impl Disk {
     fn handle(&mut self, msg: DiskMsg) {
         match msg {
             DiskMsg::Target(id, path) => {
-                self.targets.insert(id, path);
+                self.targets.entry(id).or_insert(path);
             }
             DiskMsg::Share(f) => {
                 let id = f.id();
@@ -119,6 +128,19 @@ impl Disk {
                 self.whole.insert(id, f);
             }
             DiskMsg::Rehashed(file_id, result) => self.finished(file_id, result),
+            DiskMsg::Opened(file_id, result) => {
+                let result = result
+                    .map(|mut part| {
+                        if let Some(c) = self.cache.as_mut() {
+                            adopt_cached(c, &mut part);
+                        }
+                        let r = (part.have().clone(), part.servable().clone());
+                        self.partial.insert(file_id, part);
+                        r
+                    })
+                    .map_err(|e| e.to_string());
+                self.reply(DiskDone::Opened { file_id, result });
+            }
             DiskMsg::Job(job) => self.job(job),
             DiskMsg::Stop => {}
         }
@@ -130,20 +152,28 @@ impl Disk {
     fn job(&mut self, job: DiskJob) {
         match job {
             DiskJob::Open { file_id, meta } => {
-                let result = match self.targets.get(&file_id) {
-                    None => Err("no target path for the download".to_string()),
-                    Some(target) => PartialFile::open(target, &meta)
-                        .map(|mut part| {
-                            if let Some(c) = self.cache.as_mut() {
-                                adopt_cached(c, &mut part);
-                            }
-                            let r = (part.have().clone(), part.servable().clone());
-                            self.partial.insert(file_id, part);
-                            r
-                        })
-                        .map_err(|e| e.to_string()),
+                let Some(target) = self.targets.get(&file_id).cloned() else {
+                    self.reply(DiskDone::Opened {
+                        file_id,
+                        result: Err("no target path for the download".into()),
+                    });
+                    return;
                 };
-                self.reply(DiskDone::Opened { file_id, result });
+                // Resuming checks every held chunk against its proof: on a thread of its
+                // own, so reads and stores for everyone else go on meanwhile.
+                let me = self.me.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("tidepool-open".into())
+                    .spawn(move || {
+                        let _ =
+                            me.send(DiskMsg::Opened(file_id, PartialFile::open(&target, &meta)));
+                    });
+                if let Err(e) = spawned {
+                    self.reply(DiskDone::Opened {
+                        file_id,
+                        result: Err(e.to_string()),
+                    });
+                }
             }
             DiskJob::Store(job) => {
                 let result = self.store(&job);
@@ -180,6 +210,7 @@ impl Disk {
             DiskJob::Close { file_id } => {
                 // Dropping it records what it holds for the next run.
                 self.partial.remove(&file_id);
+                self.targets.remove(&file_id);
             }
             DiskJob::EvictCache { file_id } => {
                 if let Some(c) = self.cache.as_mut() {
@@ -191,6 +222,7 @@ impl Disk {
 
     /// The re-hash of a complete download is done: move it into place, serve it whole.
     fn finished(&mut self, file_id: FileId, rehashed: Result<SharedFile, StoreError>) {
+        self.targets.remove(&file_id);
         let Some(part) = self.partial.remove(&file_id) else {
             return;
         };

@@ -86,6 +86,8 @@ pub struct PoolEngine {
     pub(super) last_full_offer: Option<Instant>,
     pub(super) last_cache_offer: Option<Instant>,
     pub(super) stats: EngineStats,
+    /// The next neighbour session number.
+    pub(super) next_session: u64,
 }
 
 impl std::fmt::Debug for PoolEngine {
@@ -123,6 +125,7 @@ impl PoolEngine {
             last_full_offer: None,
             last_cache_offer: None,
             stats: EngineStats::default(),
+            next_session: 1,
         }
     }
 
@@ -135,6 +138,11 @@ impl PoolEngine {
     pub fn stats(&self) -> EngineStats {
         let mut s = self.stats;
         s.catalog_evicted = self.gossip.evicted;
+        let (files, relayed, queued, promises) = self.table_sizes();
+        s.catalog_files = files as u64;
+        s.relayed_requests = relayed as u64;
+        s.queued_chunks = queued;
+        s.promises = promises as u64;
         s
     }
 
@@ -211,12 +219,19 @@ impl PoolEngine {
                     self.drop_peer(peer, format!("undecodable pool message: {error}"));
                 }
             }
-            Input::Sent { peer, ok } => self.on_sent(peer, ok),
+            Input::Sent { peer, session, ok } => self.on_sent(peer, session, ok),
             Input::Disk(done) => self.on_disk(done),
             Input::Share { meta, super_seed } => self.share(meta, super_seed),
             Input::Get(file_id) => {
                 self.gossip_pin(file_id);
-                if !self.downloads.contains_key(&file_id) && !self.whole.contains_key(&file_id) {
+                if self.whole.contains_key(&file_id) {
+                    // Held whole here already (shared, or fetched before): nothing to fetch,
+                    // and the caller hears so rather than waiting.
+                    self.out.push_back(Output::Finished {
+                        file_id,
+                        result: Err("this node already holds the whole file".into()),
+                    });
+                } else if !self.downloads.contains_key(&file_id) {
                     self.wanted.insert(file_id);
                     self.start_wanted(file_id);
                 }
@@ -280,20 +295,35 @@ impl PoolEngine {
         }
     }
 
-    /// Sends `msg` to every neighbour but `except`.
+    /// Gossips `msg` (an offer or retract) to every neighbour but `except`.
     pub(super) fn send_all(&mut self, msg: &PoolMessage, except: Option<PeerId>) {
         for p in self.neighbours.keys() {
             if Some(*p) != except {
                 self.out.push_back(Output::Send {
                     peer: *p,
                     msg: msg.clone(),
+                    sheddable: true,
                 });
             }
         }
     }
 
+    /// Sends a message `peer` is owed (requests, reports, answers).
     pub(super) fn send(&mut self, peer: PeerId, msg: PoolMessage) {
-        self.out.push_back(Output::Send { peer, msg });
+        self.out.push_back(Output::Send {
+            peer,
+            msg,
+            sheddable: false,
+        });
+    }
+
+    /// Gossips `msg` to one neighbour.
+    fn gossip_to(&mut self, peer: PeerId, msg: PoolMessage) {
+        self.out.push_back(Output::Send {
+            peer,
+            msg,
+            sheddable: true,
+        });
     }
 
     /// Tells `peer` that `chunks` of its request will not come from here.
@@ -329,8 +359,12 @@ impl PoolEngine {
         if self.neighbours.contains_key(&peer) {
             return;
         }
-        self.neighbours
-            .insert(peer, Neighbour::new(self.now, self.config.offer_burst));
+        let session = self.next_session;
+        self.next_session += 1;
+        self.neighbours.insert(
+            peer,
+            Neighbour::new(self.now, self.config.offer_burst, session),
+        );
         // What this node holds, and what it heard of, so a late neighbour learns it too.
         let wholes: Vec<(Arc<FileMeta>, u32)> = self
             .whole
@@ -339,7 +373,7 @@ impl PoolEngine {
             .collect();
         for (meta, count) in wholes {
             let o = self.offer(&meta, ChunkRanges::full(count), self.config.offer_hops);
-            self.send(peer, o);
+            self.gossip_to(peer, o);
         }
         let partial: Vec<(Arc<FileMeta>, ChunkRanges)> = self
             .downloads
@@ -349,19 +383,22 @@ impl PoolEngine {
             .chain(
                 self.cache
                     .iter()
+                    .filter(|(id, _)| {
+                        !self.whole.contains_key(id) && !self.downloads.contains_key(id)
+                    })
                     .filter_map(|(id, have)| Some((self.gossip.meta(id)?.clone(), have.clone()))),
             )
             .collect();
         for (meta, have) in partial {
             let o = self.offer(&meta, have, 0);
-            self.send(peer, o);
+            self.gossip_to(peer, o);
         }
         let whole = &self.whole;
         for m in self
             .gossip
             .recent_heard(self.config.regossip, |id| whole.contains_key(id))
         {
-            self.send(peer, m);
+            self.gossip_to(peer, m);
         }
     }
 

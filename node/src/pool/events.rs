@@ -48,6 +48,8 @@ pub enum Input {
     Sent {
         /// To whom.
         peer: PeerId,
+        /// The neighbour's session the chunk was handed to (from [`Output::SendChunk`]).
+        session: u64,
         /// Whether the channel took it.
         ok: bool,
     },
@@ -73,11 +75,17 @@ pub enum Output {
         peer: PeerId,
         /// What.
         msg: PoolMessage,
+        /// Gossip (offers, retracts): dropped rather than queued when the neighbour's
+        /// outbox is filling, since it is repeated anyway. Everything else is owed.
+        sheddable: bool,
     },
     /// Send a verified chunk on the neighbour's chunk channel; answer with [`Input::Sent`].
     SendChunk {
         /// To whom.
         peer: PeerId,
+        /// The neighbour's session: echoed in [`Input::Sent`], so a send of an earlier
+        /// connection to the same peer cannot return this one's credit.
+        session: u64,
         /// The chunk message's fields.
         file_id: FileId,
         /// The request it answers.
@@ -162,6 +170,8 @@ pub enum ReadFrom {
 pub struct ReadJob {
     /// For whom.
     pub peer: PeerId,
+    /// The neighbour's session it was read for.
+    pub session: u64,
     /// The file.
     pub file_id: FileId,
     /// The request it answers.
@@ -292,4 +302,12 @@ pub struct EngineStats {
     pub sends_failed: u64,
     /// Catalog entries evicted to stay within the bound.
     pub catalog_evicted: u64,
+    /// Now: files in the catalog.
+    pub catalog_files: u64,
+    /// Now: requests relayed for neighbours.
+    pub relayed_requests: u64,
+    /// Now: chunks queued to serve, all neighbours together.
+    pub queued_chunks: u64,
+    /// Now: promises to neighbours.
+    pub promises: u64,
 }

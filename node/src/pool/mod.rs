@@ -125,6 +125,8 @@ struct Shared {
     stats: Mutex<EngineStats>,
     /// Neighbours dropped because their control outbox filled (they stopped reading).
     slow_readers: std::sync::atomic::AtomicU64,
+    /// Gossip messages not sent because the neighbour's outbox was filling.
+    gossip_shed: std::sync::atomic::AtomicU64,
     disk_counters: Arc<disk::DiskCounters>,
 }
 
@@ -134,6 +136,7 @@ pub struct Pool {
     commands: mpsc::UnboundedSender<Command>,
     disk: std::sync::mpsc::Sender<disk::DiskMsg>,
     disk_thread: Option<std::thread::JoinHandle<()>>,
+    stopping: disk::Stopping,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -147,10 +150,13 @@ impl std::fmt::Debug for Pool {
 
 impl Drop for Pool {
     /// Stops the pipeline and leaves the pool; the disk thread closes the downloads (each
-    /// records what it holds, for the next run to resume) before this returns.
+    /// records what it holds, for the next run to resume) before this returns. Queued disk
+    /// jobs are skipped, so this waits for the one running at most (a chunk's read or
+    /// write) — brief, and what lets a restarted pool resume from what is on disk.
     fn drop(&mut self) {
         self.task.abort();
         self.shared.node.close();
+        self.stopping.store(true, Relaxed);
         let _ = self.disk.send(disk::DiskMsg::Stop);
         if let Some(t) = self.disk_thread.take() {
             let _ = t.join();
@@ -187,23 +193,28 @@ impl Pool {
         };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let counters = Arc::new(disk::DiskCounters::default());
+        let stopping = disk::Stopping::default();
         let (disk_tx, disk_thread) = disk::start(
             cache,
             (config.corrupt_outgoing, config.slow_finish),
             done_tx,
             counters.clone(),
+            stopping.clone(),
         )
         .map_err(|e| StoreError::Io {
             path: PathBuf::from("<disk thread>"),
             source: e,
         })?;
-        let seed = u64::from_le_bytes(node.peer_id().0[..8].try_into().unwrap_or_default());
+        // Request ids come from this: unpredictable, so no peer can forge a chunk or a
+        // report for another's request (the simulator seeds its engines instead).
+        let seed = fastrand::u64(..);
         let engine = PoolEngine::new(node.peer_id(), config.clone(), Instant::now(), seed);
         let shared = Arc::new(Shared {
             node,
             config,
             stats: Mutex::new(EngineStats::default()),
             slow_readers: Default::default(),
+            gossip_shed: Default::default(),
             disk_counters: counters,
         });
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -215,6 +226,7 @@ impl Pool {
             outboxes: HashMap::new(),
             downloads: HashMap::new(),
             targets: HashMap::new(),
+            fresh: Default::default(),
             sent: mpsc::unbounded_channel(),
         };
         let task = tokio::spawn(driver.run(commands_rx, done_rx));
@@ -223,6 +235,7 @@ impl Pool {
             commands,
             disk: disk_tx,
             disk_thread: Some(disk_thread),
+            stopping,
             task,
         })
     }
@@ -281,6 +294,12 @@ impl Pool {
         self.shared.slow_readers.load(Relaxed)
     }
 
+    /// Gossip (offers, retracts) not sent because a neighbour's control outbox was
+    /// filling; it is repeated, so this costs freshness, not correctness.
+    pub fn gossip_shed(&self) -> u64 {
+        self.shared.gossip_shed.load(Relaxed)
+    }
+
     /// What this node has sent: chunk bytes served from its own copies (whole, partial or
     /// cached), and chunk bytes passed on from upstream for others.
     pub fn uploaded(&self) -> Uploaded {
@@ -330,7 +349,7 @@ impl Pool {
 struct Outbox {
     control: mpsc::UnboundedSender<Vec<u8>>,
     control_bytes: Arc<AtomicUsize>,
-    chunks: mpsc::UnboundedSender<Vec<u8>>,
+    chunks: mpsc::UnboundedSender<(Vec<u8>, u64)>,
 }
 
 /// A download the application waits on.
@@ -348,6 +367,8 @@ struct Driver {
     outboxes: HashMap<PeerId, Outbox>,
     downloads: HashMap<FileId, Waiting>,
     targets: HashMap<FileId, PathBuf>,
+    /// Sessions opened by a message that overtook its connection's hello.
+    fresh: std::collections::HashSet<PeerId>,
     /// Chunk sends that finished: (peer, whether the channel took it).
     sent: (
         mpsc::UnboundedSender<SentChunk>,
@@ -355,8 +376,9 @@ struct Driver {
     ),
 }
 
-/// A chunk send that finished: to whom, and whether the channel took it.
-type SentChunk = (PeerId, bool);
+/// A chunk send that finished: to whom, in which of its sessions, and whether the channel
+/// took it.
+type SentChunk = (PeerId, u64, bool);
 
 /// Inputs taken from a ready queue before the outputs are drained, so a burst of chunks
 /// makes one round of requests rather than one per chunk.
@@ -378,11 +400,11 @@ impl Driver {
                         self.engine.handle(Instant::now(), Input::Disk(d));
                     }
                 }
-                Some((peer, ok)) = self.sent.1.recv() => {
-                    self.engine.handle(Instant::now(), Input::Sent { peer, ok });
+                Some((peer, session, ok)) = self.sent.1.recv() => {
+                    self.engine.handle(Instant::now(), Input::Sent { peer, session, ok });
                     for _ in 0..BATCH {
-                        let Ok((peer, ok)) = self.sent.1.try_recv() else { break };
-                        self.engine.handle(Instant::now(), Input::Sent { peer, ok });
+                        let Ok((peer, session, ok)) = self.sent.1.try_recv() else { break };
+                        self.engine.handle(Instant::now(), Input::Sent { peer, session, ok });
                     }
                 }
                 Some(cmd) = commands.recv() => self.command(cmd),
@@ -413,7 +435,9 @@ impl Driver {
                 let _ = self
                     .disk
                     .send(disk::DiskMsg::Target(file_id, target.clone()));
-                self.targets.insert(file_id, target);
+                // A second get of the same file keeps the first target: the download is
+                // already written there.
+                self.targets.entry(file_id).or_insert(target);
                 let w = self.downloads.entry(file_id).or_insert_with(|| Waiting {
                     progress: None,
                     replies: Vec::new(),
@@ -440,6 +464,15 @@ impl Driver {
         let now = Instant::now();
         match event {
             Event::PeerConnected { peer } => {
+                // A new connection to a peer already here replaced the old one: a new
+                // session, with nothing carried over from the old (unless the session was
+                // opened just now by a message that overtook this hello).
+                if self.outboxes.contains_key(&peer) {
+                    if self.fresh.remove(&peer) {
+                        return;
+                    }
+                    self.engine.handle(now, Input::PeerDown(peer));
+                }
                 self.open_outbox(peer);
                 self.engine.handle(now, Input::PeerUp(peer));
             }
@@ -449,6 +482,7 @@ impl Driver {
                     return;
                 }
                 self.outboxes.remove(&peer);
+                self.fresh.remove(&peer);
                 self.engine.handle(now, Input::PeerDown(peer));
             }
             Event::Message {
@@ -457,6 +491,15 @@ impl Driver {
                 data,
                 ..
             } => {
+                // A message can overtake its connection's hello (the node confirms a channel
+                // open on its first frame): a peer the node holds as connected is one.
+                if !self.outboxes.contains_key(&peer)
+                    && self.shared.node.connected_peers().contains(&peer)
+                {
+                    self.open_outbox(peer);
+                    self.fresh.insert(peer);
+                    self.engine.handle(now, Input::PeerUp(peer));
+                }
                 let input = match PoolMessage::decode(&data, &self.limits) {
                     Ok(msg) => Input::Message { peer, channel, msg },
                     Err(e) => Input::Undecodable {
@@ -473,7 +516,7 @@ impl Driver {
     /// Starts a neighbour's two sender tasks. Each ends when its outbox is dropped.
     fn open_outbox(&mut self, peer: PeerId) {
         let (control, mut control_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let (chunks, mut chunks_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (chunks, mut chunks_rx) = mpsc::unbounded_channel::<(Vec<u8>, u64)>();
         let control_bytes = Arc::new(AtomicUsize::new(0));
         let (shared, bytes) = (self.shared.clone(), control_bytes.clone());
         tokio::spawn(async move {
@@ -487,14 +530,14 @@ impl Driver {
         });
         let (shared, sent) = (self.shared.clone(), self.sent.0.clone());
         tokio::spawn(async move {
-            while let Some(frame) = chunks_rx.recv().await {
+            while let Some((frame, session)) = chunks_rx.recv().await {
                 let ok = shared
                     .node
                     .send(peer, Channel::Chunks, &frame)
                     .await
                     .is_ok();
                 // Every chunk handed over gets its credit back, sent or not.
-                if sent.send((peer, ok)).is_err() {
+                if sent.send((peer, session, ok)).is_err() {
                     return;
                 }
             }
@@ -509,27 +552,66 @@ impl Driver {
         );
     }
 
-    /// Carries out everything the engine wants done.
+    /// Carries out everything the engine wants done, until it wants nothing more.
     fn drain(&mut self) {
+        loop {
+            let dropped = self.drain_once();
+            if dropped.is_empty() {
+                break;
+            }
+            for peer in dropped {
+                if self.outboxes.remove(&peer).is_some() {
+                    tracing::warn!(
+                        ?peer,
+                        "dropping peer: its control outbox is full (it stopped reading)"
+                    );
+                    self.shared.slow_readers.fetch_add(1, Relaxed);
+                    self.shared
+                        .node
+                        .disconnect(peer, "control outbox full: not reading");
+                    self.engine.handle(Instant::now(), Input::PeerDown(peer));
+                }
+            }
+        }
+        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = self.engine.stats();
+    }
+
+    /// One pass over the engine's outputs; returns the neighbours whose control outbox
+    /// overflowed with messages they are owed.
+    fn drain_once(&mut self) -> Vec<PeerId> {
         let mut dropped = Vec::new();
         let mut buf = Vec::new();
+        let limit = self.shared.config.control_outbox_bytes;
         while let Some(o) = self.engine.poll_output() {
             match o {
-                Output::Send { peer, msg } => {
+                Output::Send {
+                    peer,
+                    msg,
+                    sheddable,
+                } => {
                     let Some(ob) = self.outboxes.get(&peer) else {
                         continue;
                     };
                     buf.clear();
                     msg.encode(&mut buf);
-                    let queued = ob.control_bytes.fetch_add(buf.len(), Relaxed) + buf.len();
-                    if queued > self.shared.config.control_outbox_bytes {
+                    let queued = ob.control_bytes.load(Relaxed) + buf.len();
+                    // Gossip is repeated anyway: it gives way before the outbox is half
+                    // full, so only a neighbour that stopped reading what it is owed is
+                    // ever dropped.
+                    if sheddable && queued > limit / 2 {
+                        self.shared.gossip_shed.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    if queued > limit {
                         dropped.push(peer);
                         continue;
                     }
+                    ob.control_bytes.fetch_add(buf.len(), Relaxed);
                     let _ = ob.control.send(std::mem::take(&mut buf));
                 }
                 Output::SendChunk {
                     peer,
+                    session,
                     file_id,
                     request_id,
                     index,
@@ -549,10 +631,10 @@ impl Driver {
                     let handed = self
                         .outboxes
                         .get(&peer)
-                        .is_some_and(|ob| ob.chunks.send(frame).is_ok());
+                        .is_some_and(|ob| ob.chunks.send((frame, session)).is_ok());
                     if !handed {
                         // Gone meanwhile: the credit comes back at once.
-                        let _ = self.sent.0.send((peer, false));
+                        let _ = self.sent.0.send((peer, session, false));
                     }
                 }
                 Output::Disk(job) => {
@@ -568,20 +650,7 @@ impl Driver {
                 Output::Finished { file_id, result } => self.finished(file_id, result),
             }
         }
-        for peer in dropped {
-            if self.outboxes.remove(&peer).is_some() {
-                tracing::warn!(
-                    ?peer,
-                    "dropping peer: its control outbox is full (it stopped reading)"
-                );
-                self.shared.slow_readers.fetch_add(1, Relaxed);
-                self.shared
-                    .node
-                    .disconnect(peer, "control outbox full: not reading");
-                self.engine.handle(Instant::now(), Input::PeerDown(peer));
-            }
-        }
-        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = self.engine.stats();
+        dropped
     }
 
     fn progress(&mut self, file_id: FileId, progress: Progress) {

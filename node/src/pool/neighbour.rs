@@ -77,6 +77,11 @@ impl Bucket {
 /// One neighbour.
 #[derive(Debug)]
 pub(super) struct Neighbour {
+    /// This connection's session number: sends and reads carry it back.
+    pub(super) session: u64,
+    /// Offers of files not in the catalog yet (a flood of new files would evict the
+    /// honest ones), rate-limited apart from offers in general.
+    pub(super) new_files: Bucket,
     /// What it holds of each file, from its own offers. Bounded by `max_files`.
     pub(super) holds: BTreeMap<FileId, ChunkRanges>,
     /// What it can fetch for us, from offers it forwarded. Bounded by `max_files`.
@@ -108,8 +113,10 @@ pub(super) struct Neighbour {
 pub(super) const MAX_PROMISES: usize = 64;
 
 impl Neighbour {
-    pub(super) fn new(now: Instant, offer_burst: u32) -> Self {
+    pub(super) fn new(now: Instant, offer_burst: u32, session: u64) -> Self {
         Self {
+            session,
+            new_files: Bucket::new(now, NEW_FILES_BURST),
             holds: BTreeMap::new(),
             routes: BTreeMap::new(),
             requests: VecDeque::new(),
@@ -147,8 +154,9 @@ impl Neighbour {
         if !self.routes.contains_key(&file_id) && self.routes.len() >= max_files {
             self.routes.pop_first();
         }
+        // The latest word replaces the last (a union would grow with every offer).
         let r = self.routes.entry(file_id).or_default();
-        r.via = r.via.union(via);
+        r.via = via.clone();
         r.hops = r.hops.max(hops);
     }
 
@@ -230,6 +238,14 @@ impl Neighbour {
         self.reads + self.sending.len()
     }
 }
+
+/// New files a neighbour may introduce to the catalog per second, and in a burst.
+pub(super) const NEW_FILES_RATE: u32 = 10;
+/// See [`NEW_FILES_RATE`].
+pub(super) const NEW_FILES_BURST: u32 = 100;
+
+/// Files remembered per neighbour as held or relayable (a few in honest use).
+pub(super) const MAX_FILES_PER_NEIGHBOUR: usize = 64;
 
 /// How long a neighbour may keep sending chunks nobody asked for before it is dropped, in
 /// chunks: a source may still be sending a cancelled request's tail (at most the

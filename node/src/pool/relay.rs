@@ -50,13 +50,13 @@ impl Relays {
     }
 
     /// Records a forwarded request under `up_id`. A request already relayed under the same
-    /// downstream key is replaced (its old entry returned).
-    pub(super) fn insert(&mut self, up_id: u64, r: Relayed) -> Option<Relayed> {
+    /// downstream key is replaced (its old upstream id and entry returned).
+    pub(super) fn insert(&mut self, up_id: u64, r: Relayed) -> Option<(u64, Relayed)> {
         let old = self
             .by_down
             .get(&(r.downstream, r.downstream_id))
             .copied()
-            .and_then(|id| self.remove(id));
+            .and_then(|id| Some((id, self.remove(id)?)));
         *self.per_downstream.entry(r.downstream).or_default() += 1;
         self.by_down.insert((r.downstream, r.downstream_id), up_id);
         self.by_upstream.insert((r.upstream, up_id));
@@ -165,7 +165,10 @@ mod tests {
         assert!(!rs.has_room(&PeerId([7; 20])));
         // Re-relaying the same downstream request replaces its entry.
         let old = rs.insert(50, r(0, 0, 8));
-        assert!(old.is_some());
+        assert_eq!(
+            old.map(|(id, r)| (id, r.upstream)),
+            Some((0, PeerId([9; 20])))
+        );
         assert_eq!(rs.len(), 3);
     }
 }

@@ -7,8 +7,15 @@ use tidepool_protocol::PeerId;
 use tidepool_protocol::pool::{ChunkRanges, FileId, FileMeta, PoolMessage};
 
 use super::engine::PoolEngine;
-use super::neighbour::Serve;
+use super::neighbour::{MAX_FILES_PER_NEIGHBOUR, NEW_FILES_BURST, NEW_FILES_RATE, Serve};
 use super::relay::Relayed;
+
+/// The smallest chunk accepted in an offer: smaller ones make files of billions of
+/// chunks, whose range sets are large to keep and to pass on.
+pub(super) const MIN_CHUNK_SIZE: u32 = 1024;
+
+/// The most chunks a file offered by a peer may have (4 TiB of 64 KiB chunks).
+pub(super) const MAX_CHUNKS: u32 = 1 << 26;
 
 /// What a forwarded request carries upstream.
 pub(super) struct Upstream {
@@ -125,7 +132,13 @@ impl PoolEngine {
             return;
         }
         let count = match meta.chunk_count() {
-            Ok(c) if meta.chunk_size as usize <= self.config.max_chunk_size => c,
+            Ok(c)
+                if meta.chunk_size as usize <= self.config.max_chunk_size
+                    && meta.chunk_size >= MIN_CHUNK_SIZE
+                    && c <= MAX_CHUNKS =>
+            {
+                c
+            }
             _ => {
                 self.stats.offers_ignored += 1;
                 tracing::info!(
@@ -137,9 +150,26 @@ impl PoolEngine {
                 return;
             }
         };
-        let have = have.intersection(&ChunkRanges::full(count));
+        let full = ChunkRanges::full(count);
+        let have = have.intersection(&full);
         let id = meta.file_id();
-        let max_files = self.config.max_catalog;
+        // A flood of new files would evict the honest ones from the catalog: files not
+        // known yet have a rate of their own.
+        if self.gossip.meta(&id).is_none()
+            && !n.new_files.take(now, NEW_FILES_RATE, NEW_FILES_BURST)
+        {
+            self.stats.offers_ignored += 1;
+            return;
+        }
+        // Only whole copies are gossiped past a neighbour (partial ones go out with no hops
+        // left), so a forwarded offer is small: one range. A peer's word about hops is
+        // capped at this node's own budget.
+        let hops = if have == full {
+            hops.min(self.config.offer_hops)
+        } else {
+            0
+        };
+        let max_files = MAX_FILES_PER_NEIGHBOUR;
         if origin == peer {
             // A holder's own offer always counts, even if a forwarded copy came first.
             n.set_holds(id, have.clone(), max_files);
@@ -147,8 +177,8 @@ impl PoolEngine {
                 a.fetch.add_source(peer, have.clone());
                 self.dirty.insert(id);
             }
-        } else {
-            // The neighbour forwarded someone else's offer: it can relay requests.
+        } else if have == full {
+            // The neighbour forwarded someone else's whole copy: it can relay requests.
             n.add_route(id, &have, hops, max_files);
             let via = n.routes.get(&id).map(|r| r.via.clone()).unwrap_or_default();
             if let Some(a) = self.downloads.get_mut(&id) {
@@ -191,6 +221,11 @@ impl PoolEngine {
         up: Upstream,
     ) {
         tracing::debug!(?peer, request_id, ?requested, up.hops_left, "file request");
+        // No longer than an offer can travel (a peer's 255 would send it in circles).
+        let up = Upstream {
+            hops_left: up.hops_left.min(self.config.offer_hops + 1),
+            ..up
+        };
         let Some(requested) = self.clip(&file_id, requested.clone()) else {
             // Not a file known here: nothing to serve or route.
             self.unavailable(peer, file_id, request_id, requested);
@@ -292,11 +327,12 @@ impl PoolEngine {
             self.unavailable(down, file_id, down_id, lost);
             return;
         }
-        if let Some(a) = self.downloads.get_mut(&file_id) {
-            a.fetch.unavailable(&peer, request_id, &chunks);
+        if let Some(a) = self.downloads.get_mut(&file_id)
+            && a.fetch.unavailable(&peer, request_id, &chunks)
+        {
             self.dirty.insert(file_id);
+            self.recheck_promises();
         }
-        self.recheck_promises();
     }
 
     /// Queues for `peer` the chunks of `wanted` this node holds, and returns them. Asked
@@ -411,12 +447,12 @@ impl PoolEngine {
                 hops_left: up.hops_left,
             },
         );
-        if let Some(old) = replaced {
+        if let Some((old_id, old)) = replaced {
             // Re-asked on a new path: the old path stops.
             self.send(
                 old.upstream,
                 PoolMessage::Cancel {
-                    request_id: up_id,
+                    request_id: old_id,
                     file_id: old.file_id,
                 },
             );

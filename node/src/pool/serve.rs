@@ -35,7 +35,8 @@ impl PoolEngine {
                 Keep::Nowhere
             } else if download.is_some_and(|a| a.fetch.unrequested(index)) {
                 Keep::Download
-            } else if self.config.cache_bytes > 0 {
+            } else if self.config.cache_bytes > 0 && !self.downloads.contains_key(&file_id) {
+                // A file downloaded here is offered as that, never as a cached subset.
                 Keep::Cache
             } else {
                 Keep::Nowhere
@@ -46,10 +47,9 @@ impl PoolEngine {
         } else {
             // Nobody here asked for it: a cancelled request's tail, a copy that came
             // another way first — or a peer pushing chunks at us.
+            // It is not verified, so it touches no download's state (a source could keep a
+            // stalled request looking alive with junk).
             self.stats.chunks_unsolicited += 1;
-            if let Some(a) = self.downloads.get_mut(&file_id) {
-                a.fetch.on_chunk(self.now, request_id, index);
-            }
             let Some(n) = self.neighbours.get_mut(&peer) else {
                 return;
             };
@@ -93,7 +93,12 @@ impl PoolEngine {
                 self.on_stored(job, result);
             }
             DiskDone::Read { job, chunk } => {
-                let Some(n) = self.neighbours.get_mut(&job.peer) else {
+                let Some(n) = self
+                    .neighbours
+                    .get_mut(&job.peer)
+                    .filter(|n| n.session == job.session)
+                else {
+                    // Read for a connection that is gone.
                     return;
                 };
                 n.reads = n.reads.saturating_sub(1);
@@ -102,6 +107,7 @@ impl PoolEngine {
                         n.sending.push_back((job.file_id, job.index, false));
                         self.out.push_back(Output::SendChunk {
                             peer: job.peer,
+                            session: job.session,
                             file_id: job.file_id,
                             request_id: job.request_id,
                             index: job.index,
@@ -123,6 +129,9 @@ impl PoolEngine {
                 let Some(a) = self.downloads.remove(&file_id) else {
                     return;
                 };
+                // What the relay cache held of it is no longer offered as a subset.
+                self.cache.remove(&file_id);
+                self.cache_offered.remove(&file_id);
                 if result.is_ok()
                     && let Ok(count) = a.meta.chunk_count()
                 {
@@ -137,6 +146,7 @@ impl PoolEngine {
                     );
                     let o = self.offer(&a.meta, ChunkRanges::full(count), self.config.offer_hops);
                     self.send_all(&o, None);
+                    self.keep_promises_whole(file_id);
                 }
                 self.recheck_promises();
                 self.out.push_back(Output::Finished { file_id, result });
@@ -250,6 +260,40 @@ impl PoolEngine {
         self.send_ready(down, down_id, job.file_id, index, job.chunk, true, s.kept);
     }
 
+    /// A download became whole: what is still promised of it is served from the file, as
+    /// requests (told Unavailable instead, the neighbours would stop asking here until the
+    /// next full offer).
+    fn keep_promises_whole(&mut self, file_id: FileId) {
+        let max = self.config.request_queue;
+        let mut refused = Vec::new();
+        let peers: Vec<PeerId> = self.neighbours.keys().copied().collect();
+        for peer in &peers {
+            let Some(n) = self.neighbours.get_mut(peer) else {
+                continue;
+            };
+            let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut n.promises)
+                .into_iter()
+                .partition(|p| p.file_id == file_id);
+            n.promises = keep;
+            for p in due {
+                let serve = Serve {
+                    file_id,
+                    request_id: p.request_id,
+                    ranges: p.chunks.clone(),
+                };
+                if !n.queue(serve, max) {
+                    refused.push((*peer, p.request_id, p.chunks));
+                }
+            }
+        }
+        for (peer, request_id, chunks) in refused {
+            self.unavailable(peer, file_id, request_id, chunks);
+        }
+        for peer in peers {
+            self.pump(peer);
+        }
+    }
+
     /// Sends chunk `index`, just written to a download, to the neighbours it was promised to.
     fn fulfil(&mut self, file_id: FileId, index: u32, chunk: &ChunkData) {
         let mut due = Vec::new();
@@ -310,11 +354,16 @@ impl PoolEngine {
         self.pump(peer);
     }
 
-    pub(super) fn on_sent(&mut self, peer: PeerId, ok: bool) {
+    pub(super) fn on_sent(&mut self, peer: PeerId, session: u64, ok: bool) {
         if !ok {
             self.stats.sends_failed += 1;
         }
-        let Some(n) = self.neighbours.get_mut(&peer) else {
+        // A send of an earlier connection to the same peer returns no credit of this one.
+        let Some(n) = self
+            .neighbours
+            .get_mut(&peer)
+            .filter(|n| n.session == session)
+        else {
             return;
         };
         let sent = n.sending.pop_front();
@@ -354,6 +403,7 @@ impl PoolEngine {
                 n.sending.push_back((r.file_id, r.index, r.relayed));
                 self.out.push_back(Output::SendChunk {
                     peer,
+                    session: n.session,
                     file_id: r.file_id,
                     request_id: r.request_id,
                     index: r.index,
@@ -388,11 +438,14 @@ impl PoolEngine {
                     .insert(index..index + 1);
                 continue;
             };
-            if let Some(n) = self.neighbours.get_mut(&peer) {
-                n.reads += 1;
-            }
+            let Some(n) = self.neighbours.get_mut(&peer) else {
+                break;
+            };
+            n.reads += 1;
+            let session = n.session;
             self.out.push_back(Output::Disk(DiskJob::Read(ReadJob {
                 peer,
+                session,
                 file_id,
                 request_id,
                 index,

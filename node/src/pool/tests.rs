@@ -72,6 +72,7 @@ fn unavailable_to(out: &[Output], to: PeerId) -> u64 {
             Output::Send {
                 peer,
                 msg: PoolMessage::Unavailable { chunks, .. },
+                ..
             } if *peer == to => Some(chunks.len()),
             _ => None,
         })
@@ -115,8 +116,10 @@ fn a_request_for_every_possible_chunk_index_is_clipped_to_the_file_and_read_a_wi
     // Each read that comes back is sent, and its credit returns when sent: the rest follow.
     let mut all = first;
     let mut pending: Vec<DiskDone> = Vec::new();
+    let mut session = 0;
     for o in out {
         if let Output::Disk(DiskJob::Read(job)) = o {
+            session = job.session;
             pending.push(DiskDone::Read {
                 job,
                 chunk: Some(ChunkData {
@@ -128,7 +131,23 @@ fn a_request_for_every_possible_chunk_index_is_clipped_to_the_file_and_read_a_wi
     }
     for d in pending {
         e.handle(t, Input::Disk(d));
-        e.handle(t, Input::Sent { peer: A, ok: true });
+        e.handle(
+            t,
+            Input::Sent {
+                peer: A,
+                session,
+                ok: true,
+            },
+        );
+        // A send of another session of A returns no credit.
+        e.handle(
+            t,
+            Input::Sent {
+                peer: A,
+                session: session + 1,
+                ok: true,
+            },
+        );
         all.extend(reads(&drain(&mut e)));
     }
     all.sort_unstable();
@@ -297,6 +316,7 @@ fn a_relayed_request_goes_another_way_when_its_upstream_leaves_and_a_bad_chunk_d
             Output::Send {
                 peer,
                 msg: PoolMessage::FileRequest { request_id, .. },
+                ..
             } => Some((*peer, *request_id)),
             _ => None,
         })
@@ -311,6 +331,7 @@ fn a_relayed_request_goes_another_way_when_its_upstream_leaves_and_a_bad_chunk_d
             Output::Send {
                 peer,
                 msg: PoolMessage::FileRequest { request_id, .. },
+                ..
             } => Some((*peer, *request_id)),
             _ => None,
         })
@@ -355,4 +376,117 @@ fn a_relayed_request_goes_another_way_when_its_upstream_leaves_and_a_bad_chunk_d
     assert_eq!(unavailable_to(&out, A), 8);
     assert_eq!(e.stats().bad_chunks, 1);
     assert_eq!(e.table_sizes().1, 0);
+}
+
+#[test]
+fn forwarded_offers_are_whole_files_only_with_hops_capped_and_tiny_chunks_are_refused() {
+    let (mut e, t) = engine(PoolConfig::default());
+    e.handle(t, Input::PeerUp(A));
+    e.handle(t, Input::PeerUp(B));
+    drain(&mut e);
+    let forwarded = |out: &[Output]| -> Vec<u8> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    peer,
+                    msg: PoolMessage::FileOffer { hops, .. },
+                    ..
+                } if *peer == B => Some(*hops),
+                _ => None,
+            })
+            .collect()
+    };
+    // A partial copy, said to be C's, with hops to spare: not passed on.
+    let m = meta(8, 4);
+    let partial = PoolMessage::FileOffer {
+        origin: C,
+        seq: 1,
+        hops: 3,
+        meta: m.clone(),
+        have: ChunkRanges::from_range(0..4),
+    };
+    assert!(forwarded(&msg(&mut e, t, A, partial)).is_empty());
+    // A whole copy claiming 255 hops goes on with this node's budget, less one.
+    let out = msg(&mut e, t, A, offer(C, 2, 255, &m));
+    assert_eq!(forwarded(&out), vec![PoolConfig::default().offer_hops - 1]);
+    // A file of one-byte chunks (billions of them) is not taken at all.
+    let before = e.stats().offers_ignored;
+    let tiny = PoolMessage::FileOffer {
+        origin: C,
+        seq: 3,
+        hops: 2,
+        meta: FileMeta {
+            name: "tiny".into(),
+            size: 1 << 31,
+            chunk_size: 1,
+            root: [1; 32],
+        },
+        have: ChunkRanges::from_range(0..1 << 31),
+    };
+    let out = msg(&mut e, t, A, tiny);
+    assert!(forwarded(&out).is_empty());
+    assert_eq!(e.stats().offers_ignored, before + 1);
+}
+
+#[test]
+fn a_junk_duplicate_chunk_does_not_keep_a_stalled_request_alive() {
+    let mut config = PoolConfig::default();
+    config.fetch.missing_after = Duration::from_secs(2);
+    let (mut e, t) = engine(config);
+    let m = meta(8, 5);
+    e.handle(t, Input::Get(m.file_id()));
+    e.handle(t, Input::PeerUp(A));
+    e.handle(t, Input::PeerUp(B));
+    drain(&mut e);
+    msg(&mut e, t, A, offer(A, 1, 0, &m));
+    msg(&mut e, t, B, offer(B, 1, 0, &m));
+    e.handle(
+        t,
+        Input::Disk(DiskDone::Opened {
+            file_id: m.file_id(),
+            result: Ok((ChunkRanges::from_range(0..1), ChunkRanges::from_range(0..1))),
+        }),
+    );
+    let requests: Vec<(PeerId, u64)> = drain(&mut e)
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                peer,
+                msg: PoolMessage::FileRequest { request_id, .. },
+                ..
+            } => Some((*peer, *request_id)),
+            _ => None,
+        })
+        .collect();
+    assert!(!requests.is_empty());
+    // Every second the silent source sends junk tagged with its request, for a chunk
+    // already held: it is not stored, and the request still stalls and goes elsewhere.
+    let (liar, id) = requests[0];
+    let mut reasked = false;
+    for s in 1..=4u64 {
+        let at = t + Duration::from_secs(s);
+        e.handle(
+            at,
+            Input::Message {
+                peer: liar,
+                channel: Channel::Chunks,
+                msg: PoolMessage::Chunk {
+                    file_id: m.file_id(),
+                    request_id: id,
+                    index: 0,
+                    proof: vec![],
+                    data: bytes::Bytes::from_static(b"junk"),
+                },
+            },
+        );
+        e.handle_timeout(at);
+        reasked |= drain(&mut e).iter().any(|o| {
+            matches!(o, Output::Send { peer, msg: PoolMessage::Cancel { request_id, .. }, .. }
+                if *peer == liar && *request_id == id)
+        });
+    }
+    assert!(
+        reasked,
+        "the stalled request was cancelled and asked elsewhere"
+    );
 }

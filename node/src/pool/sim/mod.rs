@@ -47,6 +47,7 @@ enum Ev {
         node: usize,
         peer: usize,
         epoch: u64,
+        session: u64,
     },
     Down {
         node: usize,
@@ -325,13 +326,25 @@ impl Sim {
                     self.input(to, Input::Message { peer, channel, msg });
                 }
             }
-            Ev::Sent { node, peer, epoch } => {
+            Ev::Sent {
+                node,
+                peer,
+                epoch,
+                session,
+            } => {
                 if node == SEEDER && self.nodes[node].engine.is_some() {
                     self.seeder_sent += self.cfg.pool.chunk_size as u64;
                 }
                 if self.nodes[node].links.get(&peer) == Some(&epoch) {
                     let p = self.nodes[peer].id;
-                    self.input(node, Input::Sent { peer: p, ok: true });
+                    self.input(
+                        node,
+                        Input::Sent {
+                            peer: p,
+                            session,
+                            ok: true,
+                        },
+                    );
                 }
                 if node == SEEDER && self.cfg.seeder_leaves_after_copy {
                     let sent = self.nodes[SEEDER]
@@ -535,7 +548,7 @@ impl Sim {
                 break;
             };
             match o {
-                Output::Send { peer, msg } => {
+                Output::Send { peer, msg, .. } => {
                     let Some(&j) = self.by_id.get(&peer) else {
                         continue;
                     };
@@ -556,6 +569,7 @@ impl Sim {
                 }
                 Output::SendChunk {
                     peer,
+                    session,
                     file_id,
                     request_id,
                     index,
@@ -568,7 +582,14 @@ impl Sim {
                     let Some(&epoch) = self.nodes[i].links.get(&j) else {
                         let now = self.instant();
                         if let Some(e) = self.nodes[i].engine.as_mut() {
-                            e.handle(now, Input::Sent { peer, ok: false });
+                            e.handle(
+                                now,
+                                Input::Sent {
+                                    peer,
+                                    session,
+                                    ok: false,
+                                },
+                            );
                         }
                         continue;
                     };
@@ -583,6 +604,7 @@ impl Sim {
                             node: i,
                             peer: j,
                             epoch,
+                            session,
                         },
                     );
                     let at = departs + self.latency(i, j);
