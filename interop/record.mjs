@@ -44,6 +44,17 @@ const frames = []
 let connCount = 0
 let stage = 'setup'
 
+/// A tracker's reply to an announce (not an offer or answer it relays).
+function isAnnounceReply (f) {
+  if (f.dir !== 'tracker_to_client') return false
+  try {
+    const m = JSON.parse(f.frame)
+    return m.action === 'announce' && m.offer === undefined && m.answer === undefined
+  } catch {
+    return false
+  }
+}
+
 function fail (err) {
   console.error('record.mjs failed:', err)
   process.exit(1)
@@ -132,13 +143,15 @@ async function main () {
   a.scrape()
   await waitFor('scrape response', f => f.stage === 'scrape' && f.dir === 'tracker_to_client')
 
+  // An update or completion also relays B's new offers to A: wait for B's announce reply
+  // itself, or a slow reply is counted in the next stage.
   stage = 'update'
   b.update()
-  await waitFor('update response', f => f.stage === 'update' && f.dir === 'tracker_to_client')
+  await waitFor('update response', f => f.stage === 'update' && isAnnounceReply(f))
 
   stage = 'complete'
   b.complete()
-  await waitFor('completed response', f => f.stage === 'complete' && f.dir === 'tracker_to_client')
+  await waitFor('completed response', f => f.stage === 'complete' && isAnnounceReply(f))
 
   stage = 'stop'
   b.stop()
