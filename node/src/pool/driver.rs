@@ -40,12 +40,18 @@ pub(super) struct Driver {
     targets: HashMap<FileId, PathBuf>,
     /// Sessions opened by a message that overtook its connection's hello.
     fresh: std::collections::HashSet<PeerId>,
+    /// Messages from peers whose connection the node has not confirmed yet.
+    early: HashMap<PeerId, Vec<(Channel, bytes::Bytes)>>,
     /// Chunk sends that finished: (peer, whether the channel took it).
     sent: (
         mpsc::UnboundedSender<SentChunk>,
         mpsc::UnboundedReceiver<SentChunk>,
     ),
 }
+
+/// Messages kept per peer whose connection is not confirmed yet, and such peers at once.
+const EARLY_PER_PEER: usize = 64;
+const EARLY_PEERS: usize = 16;
 
 /// A chunk send that finished: to whom, in which of its sessions, and whether the channel
 /// took it.
@@ -71,6 +77,7 @@ impl Driver {
             downloads: HashMap::new(),
             targets: HashMap::new(),
             fresh: Default::default(),
+            early: HashMap::new(),
             sent: mpsc::unbounded_channel(),
         }
     }
@@ -165,6 +172,9 @@ impl Driver {
                 }
                 self.open_outbox(peer);
                 self.engine.handle(now, Input::PeerUp(peer));
+                for (channel, data) in self.early.remove(&peer).unwrap_or_default() {
+                    self.message(now, peer, channel, data);
+                }
             }
             Event::PeerDisconnected { peer, .. } => {
                 // A replaced connection's goodbye can come after its successor's hello.
@@ -173,6 +183,7 @@ impl Driver {
                 }
                 self.outboxes.remove(&peer);
                 self.fresh.remove(&peer);
+                self.early.remove(&peer);
                 self.engine.handle(now, Input::PeerDown(peer));
             }
             Event::Message {
@@ -183,23 +194,53 @@ impl Driver {
             } => {
                 // A message can overtake its connection's hello (the node confirms a channel
                 // open on its first frame): a peer the node holds as connected is one.
-                if !self.outboxes.contains_key(&peer)
-                    && self.shared.node.connected_peers().contains(&peer)
-                {
-                    self.open_outbox(peer);
-                    self.fresh.insert(peer);
-                    self.engine.handle(now, Input::PeerUp(peer));
+                if !self.outboxes.contains_key(&peer) {
+                    if self.shared.node.connected_peers().contains(&peer) {
+                        self.open_outbox(peer);
+                        self.fresh.insert(peer);
+                        self.engine.handle(now, Input::PeerUp(peer));
+                    } else {
+                        // Not confirmed yet: kept (a few) until its hello comes.
+                        self.early(peer, channel, data);
+                        return;
+                    }
                 }
-                let input = match PoolMessage::decode(&data, &self.limits) {
-                    Ok(msg) => Input::Message { peer, channel, msg },
-                    Err(e) => Input::Undecodable {
-                        peer,
-                        error: e.to_string(),
-                    },
-                };
-                self.engine.handle(now, input);
+                self.message(now, peer, channel, data);
             }
             Event::Receipt { .. } | Event::Tracker(_) => {}
+        }
+    }
+
+    fn message(&mut self, now: Instant, peer: PeerId, channel: Channel, data: bytes::Bytes) {
+        let input = match PoolMessage::decode(&data, &self.limits) {
+            Ok(msg) => Input::Message { peer, channel, msg },
+            Err(e) => Input::Undecodable {
+                peer,
+                error: e.to_string(),
+            },
+        };
+        self.engine.handle(now, input);
+    }
+
+    /// Keeps a message from a peer whose connection the node has not confirmed yet, to feed
+    /// it in when it is (`EARLY_PER_PEER` per peer, `EARLY_PEERS` peers; past that it is
+    /// dropped, and the engine counts it as from a stranger).
+    fn early(&mut self, peer: PeerId, channel: Channel, data: bytes::Bytes) {
+        let room = self.early.len() < EARLY_PEERS || self.early.contains_key(&peer);
+        let list = if room {
+            Some(self.early.entry(peer).or_default())
+        } else {
+            None
+        };
+        match list {
+            Some(l) if l.len() < EARLY_PER_PEER => l.push((channel, data)),
+            _ => {
+                // Fed as it is: the engine ignores (and counts) a stranger's message.
+                if let Ok(msg) = PoolMessage::decode(&data, &self.limits) {
+                    self.engine
+                        .handle(Instant::now(), Input::Message { peer, channel, msg });
+                }
+            }
         }
     }
 
