@@ -57,20 +57,6 @@ async fn scene(
     }
 }
 
-async fn next_peer(raw: &Node) -> PeerId {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match raw.next_event().await {
-                Some(Event::PeerConnected { peer }) => return peer,
-                Some(_) => continue,
-                None => panic!("node stopped"),
-            }
-        }
-    })
-    .await
-    .expect("a peer connects")
-}
-
 async fn send(raw: &Node, peer: PeerId, channel: Channel, msg: &PoolMessage) -> bool {
     let mut frame = Vec::new();
     msg.encode(&mut frame);

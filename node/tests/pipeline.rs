@@ -406,17 +406,7 @@ async fn a_request_for_chunks_past_the_end_of_a_file_is_clipped_and_the_sharer_k
     let raw = Node::join(node_config(&tracker, "past-end"))
         .await
         .expect("joins");
-    let peer = tokio::time::timeout(WAIT, async {
-        loop {
-            match raw.next_event().await {
-                Some(Event::PeerConnected { peer }) => return peer,
-                Some(_) => continue,
-                None => panic!("node stopped"),
-            }
-        }
-    })
-    .await
-    .expect("connected to the sharer");
+    let peer = next_peer(&raw).await;
     let mut frame = Vec::new();
     PoolMessage::FileRequest {
         request_id: 1,

@@ -295,6 +295,21 @@ impl PoolEngine {
         }
     }
 
+    /// A fresh offer of each whole file here, with the full hop budget.
+    pub(super) fn whole_offers(&mut self) -> Vec<PoolMessage> {
+        let wholes: Vec<(Arc<FileMeta>, u32)> = self
+            .whole
+            .values()
+            .map(|w| (w.meta.clone(), w.count))
+            .collect();
+        wholes
+            .into_iter()
+            .map(|(meta, count)| {
+                self.offer(&meta, ChunkRanges::full(count), self.config.offer_hops)
+            })
+            .collect()
+    }
+
     /// Gossips `msg` (an offer or retract) to every neighbour but `except`.
     pub(super) fn send_all(&mut self, msg: &PoolMessage, except: Option<PeerId>) {
         for p in self.neighbours.keys() {
@@ -366,13 +381,7 @@ impl PoolEngine {
             Neighbour::new(self.now, self.config.offer_burst, session),
         );
         // What this node holds, and what it heard of, so a late neighbour learns it too.
-        let wholes: Vec<(Arc<FileMeta>, u32)> = self
-            .whole
-            .values()
-            .map(|w| (w.meta.clone(), w.count))
-            .collect();
-        for (meta, count) in wholes {
-            let o = self.offer(&meta, ChunkRanges::full(count), self.config.offer_hops);
+        for o in self.whole_offers() {
             self.gossip_to(peer, o);
         }
         let partial: Vec<(Arc<FileMeta>, ChunkRanges)> = self

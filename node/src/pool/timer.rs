@@ -36,13 +36,7 @@ impl PoolEngine {
                 self.send_all(&m, None);
             }
             // Holders re-announce with a fresh sequence number and the full hop budget.
-            let wholes: Vec<(Arc<FileMeta>, u32)> = self
-                .whole
-                .values()
-                .map(|w| (w.meta.clone(), w.count))
-                .collect();
-            for (meta, count) in wholes {
-                let o = self.offer(&meta, ChunkRanges::full(count), self.config.offer_hops);
+            for o in self.whole_offers() {
                 self.send_all(&o, None);
             }
         }

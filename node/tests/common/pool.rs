@@ -85,3 +85,18 @@ pub async fn start_get(
 pub async fn pool(c: NodeConfig, p: PoolConfig) -> Pool {
     Pool::start(Node::join(c).await.expect("joins"), p).expect("pool starts")
 }
+
+/// Waits for `raw`'s next connected peer.
+pub async fn next_peer(raw: &Node) -> tidepool_node::PeerId {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match raw.next_event().await {
+                Some(tidepool_node::Event::PeerConnected { peer }) => return peer,
+                Some(_) => continue,
+                None => panic!("node stopped"),
+            }
+        }
+    })
+    .await
+    .expect("a peer connects")
+}
