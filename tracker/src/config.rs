@@ -41,13 +41,17 @@ pub struct NetworkConfig {
     /// PEM private key for `tls_cert`.
     /// Example: "/etc/tidepool/key.pem"
     pub tls_key: Option<PathBuf>,
-    /// Most open connections per socket worker; more are closed at accept.
+    /// Most open connections per socket worker; more are closed at accept. 0 = as many as
+    /// the descriptor limit allows (raised to its hard maximum at start, less a reserve,
+    /// shared among the socket workers). A value the limit cannot hold stops the start with
+    /// a message naming both (`deploy/README.md` says how to raise the limit).
     pub max_connections_per_worker: usize,
     /// Largest WebSocket message, in bytes (a frame carrying 10 offers is about 12 KiB).
     pub max_message_size: usize,
     /// Largest WebSocket frame, in bytes.
     pub max_frame_size: usize,
-    /// Read buffer per connection, in bytes. Memory per idle connection is dominated by this.
+    /// Bytes read from a socket at once. Read buffers come from a per-worker pool and stay
+    /// with a connection only while it has sent part of a frame; an idle one holds none.
     pub read_buffer_size: usize,
     /// Outgoing bytes queued per connection before it counts as a slow reader and is closed.
     pub max_outgoing_queue: usize,
@@ -83,10 +87,10 @@ impl Default for NetworkConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             tls_cert: None,
             tls_key: None,
-            max_connections_per_worker: 50_000,
+            max_connections_per_worker: 0,
             max_message_size: 64 * 1024,
             max_frame_size: 64 * 1024,
-            read_buffer_size: 4 * 1024,
+            read_buffer_size: 16 * 1024,
             max_outgoing_queue: 256 * 1024,
             handshake_timeout_ms: 10_000,
             ping_interval_secs: 20,

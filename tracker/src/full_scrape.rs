@@ -2,12 +2,11 @@
 //! and the first socket worker to need a stale snapshot merges the parts into one encoded
 //! frame that every requester then shares (a reference-counted buffer, no copy per client).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidepool_protocol::InfoHash;
 use tidepool_protocol::tracker::{ScrapeResponse, ScrapeStats};
-use tungstenite::Utf8Bytes;
 
 type Part = Vec<(InfoHash, ScrapeStats)>;
 
@@ -19,7 +18,7 @@ pub(crate) struct FullScrape {
     /// One slot per swarm worker: its largest swarms, as last published.
     parts: Vec<Mutex<Part>>,
     /// The encoded reply and when it was built.
-    snapshot: Mutex<Option<(Instant, Utf8Bytes)>>,
+    snapshot: Mutex<Option<(Instant, Arc<str>)>>,
 }
 
 impl FullScrape {
@@ -53,12 +52,9 @@ impl FullScrape {
 
     /// The reply to a full scrape at `now`, rebuilt first when older than the interval.
     /// Second item: whether this call rebuilt it.
-    pub(crate) fn frame(&self, now: Instant) -> (Utf8Bytes, bool) {
+    pub(crate) fn frame(&self, now: Instant) -> (Arc<str>, bool) {
         let Ok(mut snapshot) = self.snapshot.lock() else {
-            return (
-                Utf8Bytes::from_static(r#"{"action":"scrape","files":{}}"#),
-                false,
-            );
+            return (Arc::from(r#"{"action":"scrape","files":{}}"#), false);
         };
         if let Some((built, frame)) = snapshot.as_ref()
             && now.saturating_duration_since(*built) < self.interval
@@ -78,7 +74,7 @@ impl FullScrape {
             min_request_interval: Some(self.interval.as_secs()),
         }
         .encode(&mut out);
-        let frame = Utf8Bytes::from(String::from_utf8(out).unwrap_or_default());
+        let frame: Arc<str> = String::from_utf8(out).unwrap_or_default().into();
         *snapshot = Some((now, frame.clone()));
         (frame, true)
     }

@@ -44,6 +44,62 @@ pub enum StartError {
     /// The access list could not be loaded.
     #[error(transparent)]
     AccessList(#[from] AccessListError),
+    /// The process may not open as many descriptors as the config asks connections for.
+    #[error(
+        "network.max_connections_per_worker = {per_worker} with {workers} socket worker(s) needs \
+         {needed} file descriptors, but this process may open only {limit} (hard limit): raise it \
+         (systemd LimitNOFILE=, `ulimit -n`, see deploy/README.md) or lower the setting \
+         (0 = as many as the limit allows)"
+    )]
+    Descriptors {
+        /// The configured per-worker connection limit.
+        per_worker: usize,
+        /// Socket workers.
+        workers: usize,
+        /// Descriptors that limit needs, with the reserve.
+        needed: u64,
+        /// The hard limit.
+        limit: u64,
+    },
+}
+
+/// Descriptors kept for listeners, pollers, wakers, the metrics server, logs and reloads.
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// Raises the descriptor limit to its hard maximum and resolves the per-worker connection
+/// limit against it (0 = what it allows). Refuses a configured limit it cannot hold.
+fn resolve_connection_limit(config: &mut Config) -> Result<(), StartError> {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!("could not read or raise the descriptor limit: {e}");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+        }
+    };
+    let workers = config.workers.socket_workers;
+    let n = &mut config.network;
+    let usable = limit.saturating_sub(RESERVED_DESCRIPTORS);
+    if n.max_connections_per_worker == 0 {
+        n.max_connections_per_worker = (usable / workers as u64).max(1) as usize;
+        tracing::info!(
+            descriptors = limit,
+            per_worker = n.max_connections_per_worker,
+            "connection limit set from the descriptor limit"
+        );
+        return Ok(());
+    }
+    let needed = (n.max_connections_per_worker as u64)
+        .saturating_mul(workers as u64)
+        .saturating_add(RESERVED_DESCRIPTORS);
+    if needed > limit {
+        return Err(StartError::Descriptors {
+            per_worker: n.max_connections_per_worker,
+            workers,
+            needed,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StartError {
@@ -137,8 +193,9 @@ impl Tracker {
         Self::start_inner(config, true)
     }
 
-    fn start_inner(config: Config, echo: bool) -> Result<Tracker, StartError> {
+    fn start_inner(mut config: Config, echo: bool) -> Result<Tracker, StartError> {
         config.validate()?;
+        resolve_connection_limit(&mut config)?;
         let certs = match (&config.network.tls_cert, &config.network.tls_key) {
             (Some(cert), Some(key)) => Some(CertStore::load(cert, key)?),
             _ => None,

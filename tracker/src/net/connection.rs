@@ -1,39 +1,31 @@
-//! One client connection's state: its WebSocket (mid-handshake or open), its rate bucket,
-//! the swarms it holds a peer in, its pending scrapes, and reading one frame at a time.
+//! One client connection's state: its link and WebSocket receiver, its rate bucket,
+//! the swarms it holds a peer in, and its pending scrapes.
 
-use std::io;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use tidepool_protocol::tracker::{AnnounceEvent, ScrapeResponse, ScrapeStats};
 use tidepool_protocol::{InfoHash, PeerId};
-use tungstenite::handshake::MidHandshake;
-use tungstenite::handshake::server::ServerHandshake;
-use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::{Message, Utf8Bytes, WebSocket};
 
-use super::stream::{Forwarded, ForwardedHeaders, Stream};
-use crate::metrics::CloseReason;
+use super::link::{BufPool, Link};
+use super::ws::{self, Assembler};
 use crate::swarm::ConnId;
-
-pub(super) enum State {
-    Handshaking(Box<MidHandshake<ServerHandshake<Stream, ForwardedHeaders>>>),
-    Open(Box<WebSocket<Stream>>),
-    /// Transitional: taken out while being advanced.
-    Gone,
-}
 
 pub(super) struct Connection {
     pub(super) id: ConnId,
-    pub(super) state: State,
+    /// The socket, TLS, and the bytes in and out.
+    pub(super) link: Link,
+    /// False until the upgrade request has been answered.
+    pub(super) open: bool,
+    /// The message being reassembled from fragments, if any.
+    pub(super) ws: Assembler,
     /// The client: the socket's peer, or the address a trusted proxy forwarded.
     pub(super) addr: IpAddr,
     /// The address counted against `max_connections_per_ip` (None until counted).
     pub(super) counted: Option<IpAddr>,
-    /// Headers captured from a trusted proxy's upgrade request.
-    pub(super) forwarded: Option<Forwarded>,
+    /// The socket's peer is a trusted proxy: its upgrade request names the client.
+    pub(super) via_proxy: bool,
     pub(super) opened: Instant,
     /// The last frame of any kind (pongs included) from the client.
     pub(super) last_frame: Instant,
@@ -50,86 +42,13 @@ pub(super) struct Connection {
     pub(super) advanced_turn: u64,
 }
 
-/// What reading the next frame gave.
-pub(super) enum Incoming {
-    /// Nothing more to read now.
-    Idle,
-    /// A text message for the tracker.
-    Text(Utf8Bytes),
-    /// A binary message (echo mode only; otherwise the connection is closed).
-    Binary(tungstenite::Bytes),
-    /// A control frame, handled by tungstenite (its reply is queued for the next flush).
-    Control,
-}
-
 impl Connection {
-    pub(super) fn ws(&mut self) -> Option<&mut WebSocket<Stream>> {
-        match &mut self.state {
-            State::Open(ws) => Some(ws),
-            _ => None,
+    /// Queues a close frame and tries to send it (the caller then drops the connection).
+    pub(super) fn close_with(&mut self, code: u16, reason: &'static str, pool: &mut BufPool) {
+        if self.open {
+            ws::write_close(self.link.output(pool), code, reason);
+            let _ = self.link.flush(pool);
         }
-    }
-
-    /// Queues a close frame and tries to send it.
-    pub(super) fn close_with(&mut self, code: CloseCode, reason: &'static str) {
-        if let Some(ws) = self.ws() {
-            let _ = ws.close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            }));
-            let _ = ws.flush();
-        }
-    }
-
-    /// Reads the next frame. Errors say why the connection must close (after telling the
-    /// client where the protocol allows).
-    pub(super) fn read(&mut self, echo: bool, now: Instant) -> Result<Incoming, CloseReason> {
-        let Some(ws) = self.ws() else {
-            return Ok(Incoming::Idle);
-        };
-        let msg = match ws.read() {
-            Ok(msg) => msg,
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Ok(Incoming::Idle);
-            }
-            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                return Err(CloseReason::Peer);
-            }
-            Err(tungstenite::Error::Capacity(e)) => {
-                tracing::debug!("message over limit: {e}");
-                self.close_with(CloseCode::Size, "message too large");
-                return Err(CloseReason::TooLarge);
-            }
-            Err(tungstenite::Error::Io(e)) => {
-                tracing::debug!("read failed: {e}");
-                return Err(CloseReason::Io);
-            }
-            Err(e) => {
-                // Framing, masking, UTF-8 or close-code violations: tell the client why
-                // (RFC 6455 §7.4.1: 1007 for bad UTF-8, 1002 otherwise), then drop.
-                tracing::debug!("protocol violation: {e}");
-                let (code, reason) = match e {
-                    tungstenite::Error::Utf8(_) => (CloseCode::Invalid, "invalid UTF-8"),
-                    _ => (CloseCode::Protocol, "WebSocket protocol violation"),
-                };
-                self.close_with(code, reason);
-                return Err(CloseReason::Protocol);
-            }
-        };
-        self.last_frame = now;
-        self.ping_sent = false;
-        Ok(match msg {
-            Message::Text(text) => Incoming::Text(text),
-            Message::Binary(data) if echo => Incoming::Binary(data),
-            Message::Binary(_) => {
-                // Refused before any JSON parsing: the protocol is text only.
-                self.close_with(CloseCode::Unsupported, "binary frames are not supported");
-                return Err(CloseReason::Binary);
-            }
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
-                Incoming::Control
-            }
-        })
     }
 }
 

@@ -1,7 +1,8 @@
 //! The socket worker: one mio event loop owning its connections. This file is the loop —
 //! accept, readiness, delivering the swarm workers' replies, timeouts, closing. One
-//! connection's state lives in `connection`, the stream under it in `stream`, decoding and
-//! forwarding requests in `requests`, and the batched write path in `write`.
+//! connection's state lives in `connection`, its socket, TLS and buffers in `link`, the
+//! WebSocket protocol in `ws`, decoding and forwarding requests in `requests`, and the batched
+//! write path in `write`.
 //!
 //! One turn of the loop: poll; deliver at most `DELIVER_PER_TURN` replies from the swarm
 //! workers; unless replies are still backed up, read from every ready connection (at most
@@ -10,9 +11,10 @@
 //! replies are delivered before more requests are read (back-pressure instead of drops).
 
 mod connection;
+mod link;
 mod requests;
-mod stream;
 mod write;
+mod ws;
 
 use std::io;
 use std::sync::Arc;
@@ -23,10 +25,6 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use tidepool_protocol::tracker::{Action, Decoder, Limits};
 use tidepool_protocol::{InfoHash, PeerId};
-use tungstenite::handshake::HandshakeError;
-use tungstenite::handshake::server::ServerHandshake;
-use tungstenite::protocol::WebSocketConfig;
-use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::access::AccessView;
 use crate::channel::Rx;
@@ -34,9 +32,9 @@ use crate::metrics::{CloseReason, ErrorKind, OutKind, RefuseReason, SocketMetric
 use crate::proxy::{forwarded_client, is_trusted};
 use crate::server::{Shared, SwarmLanes};
 use crate::swarm::{ConnId, FrameKind, Output, Request};
-use connection::{Connection, Memberships, Merged, State, TokenBucket};
-pub(crate) use stream::Stream;
-use stream::{Forwarded, ForwardedHeaders};
+use connection::{Connection, Memberships, Merged, TokenBucket};
+use link::{BufPool, InBuf, Link, Received};
+use ws::{Assembler, Frame, close_code};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 pub(crate) const WAKER: Token = Token(usize::MAX - 2);
@@ -53,7 +51,7 @@ const ACCEPTS_PER_TURN: usize = 256;
 const PRUNE_SLICES: usize = 40;
 /// Loop turns in a row that may skip reads while replies are backed up.
 const MAX_DEFERRED_TURNS: u32 = 8;
-/// Bytes buffered per connection before tungstenite writes mid-turn; below this, a turn's
+/// Bytes queued for one connection before they are written mid-turn; below this, a turn's
 /// frames go out in one write at the end of the turn.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
@@ -99,19 +97,19 @@ impl SocketWorker {
         });
         let n = &self.shared.config.network;
         let access = AccessView::new(&self.shared.access);
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(n.read_buffer_size)
-            .write_buffer_size(WRITE_BATCH_BYTES.min(n.max_outgoing_queue / 2))
-            .max_write_buffer_size(n.max_outgoing_queue)
-            .max_message_size(Some(n.max_message_size))
-            .max_frame_size(Some(n.max_frame_size));
+        let limits = ws::Limits {
+            max_frame: n.max_frame_size,
+            max_message: n.max_message_size,
+        };
+        let pool = BufPool::new(n.read_buffer_size);
         EventLoop {
             worker: self,
             conns: Slab::new(),
             next_serial: 0,
             next_request_id: 0,
             decoder,
-            ws_config,
+            limits,
+            pool,
             access,
             again: Vec::new(),
             dirty: Vec::new(),
@@ -133,7 +131,10 @@ struct EventLoop {
     next_serial: u64,
     next_request_id: u64,
     decoder: Decoder,
-    ws_config: WebSocketConfig,
+    /// Frame and message size limits for what clients send.
+    limits: ws::Limits,
+    /// Read and write buffers, lent to connections only while they hold bytes.
+    pool: BufPool,
     access: AccessView,
     /// Connections that hit `FRAMES_PER_TURN` and may have more input buffered. Edge-triggered
     /// polling will not report them again, so the loop revisits them itself.
@@ -229,7 +230,7 @@ impl EventLoop {
         let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
         for slot in slots {
             if let Some(conn) = self.conns.get_mut(slot) {
-                conn.close_with(CloseCode::Away, "tracker shutting down");
+                conn.close_with(close_code::AWAY, "tracker shutting down", &mut self.pool);
             }
             self.close(slot, CloseReason::Shutdown);
         }
@@ -284,10 +285,10 @@ impl EventLoop {
                 self.release_ip(counted);
                 continue;
             }
-            let stream = match &self.worker.tls {
-                None => Stream::Plain(tcp),
-                Some(tls) => match rustls::ServerConnection::new(tls.clone()) {
-                    Ok(conn) => Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))),
+            let link = match &self.worker.tls {
+                None => Link::plain(tcp),
+                Some(tls) => match rustls::server::UnbufferedServerConnection::new(tls.clone()) {
+                    Ok(conn) => Link::tls(tcp, conn),
                     Err(e) => {
                         tracing::warn!("TLS session setup failed: {e}");
                         self.release_ip(counted);
@@ -302,20 +303,14 @@ impl EventLoop {
                 slot: slot as u32,
                 serial: self.next_serial,
             };
-            let forwarded: Option<Forwarded> = via_proxy.then(Default::default);
-            let callback = ForwardedHeaders(forwarded.clone());
-            // Whatever the first read brings is handled by the first readiness event.
-            let state = State::Handshaking(Box::new(ServerHandshake::start(
-                stream,
-                callback,
-                Some(self.ws_config),
-            )));
             entry.insert(Connection {
                 id,
-                state,
+                link,
+                open: false,
+                ws: Assembler::default(),
                 addr: ip,
                 counted,
-                forwarded,
+                via_proxy,
                 opened: now,
                 last_frame: now,
                 ping_sent: false,
@@ -341,8 +336,8 @@ impl EventLoop {
         }
     }
 
-    /// Moves a connection forward after a readiness event: handshake, then reads. Whatever
-    /// this queues (replies, pongs, close frames) is written at the end of the turn.
+    /// Moves a connection forward after a readiness event: the upgrade, then frames.
+    /// Whatever this queues (replies, pongs, close frames) is written at the end of the turn.
     fn advance(&mut self, slot: usize, now: Instant) {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
@@ -352,38 +347,6 @@ impl EventLoop {
             return;
         }
         conn.advanced_turn = self.turn;
-        if let State::Handshaking(_) = conn.state {
-            let State::Handshaking(mid) = std::mem::replace(&mut conn.state, State::Gone) else {
-                return;
-            };
-            let tls_pending = mid.get_ref().get_ref().tls_handshaking();
-            match mid.handshake() {
-                Ok(ws) => {
-                    let tls = matches!(ws.get_ref(), Stream::Tls(_));
-                    conn.state = State::Open(Box::new(ws));
-                    if tls {
-                        bump(&self.metrics().tls_handshakes, 1);
-                    }
-                    if !self.on_open(slot) {
-                        return;
-                    }
-                }
-                Err(HandshakeError::Interrupted(mid)) => {
-                    conn.state = State::Handshaking(Box::new(mid));
-                    return;
-                }
-                Err(HandshakeError::Failure(e)) => {
-                    // An I/O error before TLS finished is a TLS failure (rustls reports bad
-                    // records as I/O errors); HTTP upgrade errors come as other kinds.
-                    tracing::debug!(addr = %conn.addr, "handshake failed: {e}");
-                    if tls_pending && matches!(e, tungstenite::Error::Io(_)) {
-                        bump(&self.metrics().tls_handshake_failures, 1);
-                    }
-                    self.close(slot, CloseReason::HandshakeFailed);
-                    return;
-                }
-            }
-        }
         if let Err(reason) = self.read_frames(slot, now) {
             self.close(slot, reason);
             return;
@@ -393,22 +356,19 @@ impl EventLoop {
 
     /// After the upgrade: resolves a proxied client's address and applies the per-address
     /// limit to it. False if the connection was refused and closed.
-    fn on_open(&mut self, slot: usize) -> bool {
+    fn on_open(&mut self, slot: usize, upgrade: ws::Upgrade) -> bool {
         let shared = self.worker.shared.clone();
         let Some(conn) = self.conns.get_mut(slot) else {
             return false;
         };
-        let Some(forwarded) = conn.forwarded.take() else {
+        if !conn.via_proxy {
             return true;
-        };
-        let headers = forwarded.borrow_mut().take();
-        if let Some((xff, real_ip)) = headers
-            && let Some(client) = forwarded_client(
-                &shared.config.network.trusted_proxies,
-                xff.as_deref(),
-                real_ip.as_deref(),
-            )
-        {
+        }
+        if let Some(client) = forwarded_client(
+            &shared.config.network.trusted_proxies,
+            upgrade.forwarded_for.as_deref(),
+            upgrade.real_ip.as_deref(),
+        ) {
             conn.addr = client.to_canonical();
         }
         if shared.ip_limiter.acquire(conn.addr) {
@@ -416,41 +376,196 @@ impl EventLoop {
             return true;
         }
         tracing::debug!(addr = %conn.addr, "per-address connection limit reached; closing");
-        conn.close_with(CloseCode::Policy, "too many connections from your address");
+        conn.close_with(
+            close_code::POLICY,
+            "too many connections from your address",
+            &mut self.pool,
+        );
         bump(&self.metrics().refused[RefuseReason::PerIp as usize], 1);
         self.close(slot, CloseReason::PerIpLimit);
         false
     }
 
+    /// Reads and handles what a connection sent: its upgrade request, then at most
+    /// `FRAMES_PER_TURN` frames. Its unconsumed input is held out of the connection meanwhile,
+    /// so frames are handled where they were read, and goes back only if it holds a partial
+    /// frame (else the buffer returns to the pool).
     fn read_frames(&mut self, slot: usize, now: Instant) -> Result<(), CloseReason> {
-        use connection::Incoming;
-        let echo = self.worker.echo;
-        for _ in 0..FRAMES_PER_TURN {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Ok(());
+        };
+        let mut input = conn.link.take_input();
+        let result = self.read_into(slot, &mut input, now);
+        match self.conns.get_mut(slot) {
+            Some(conn) => conn.link.restore_input(input, &mut self.pool),
+            None => self.pool.give_input(input),
+        }
+        result
+    }
+
+    fn read_into(
+        &mut self,
+        slot: usize,
+        input: &mut InBuf,
+        now: Instant,
+    ) -> Result<(), CloseReason> {
+        let mut frames = 0;
+        loop {
+            // What is buffered first: a read may have brought several frames.
+            if !self.take_frames(slot, input, now, &mut frames)? {
+                return Ok(());
+            }
             let Some(conn) = self.conns.get_mut(slot) else {
                 return Ok(());
             };
-            let incoming = conn.read(echo, now)?;
-            let id = conn.id;
-            if !matches!(incoming, Incoming::Idle) {
-                self.worker.shared.liveness.heard(id, now);
-            }
-            match incoming {
-                Incoming::Idle => return Ok(()),
-                Incoming::Control => {}
-                Incoming::Text(text) if echo => {
-                    if let Some(ws) = conn.ws() {
-                        let _ = ws.write(tungstenite::Message::Text(text));
+            match conn.link.receive(input, &mut self.pool) {
+                Ok(Received::Data { drained }) => {
+                    if !self.take_frames(slot, input, now, &mut frames)? || drained {
+                        // A short read emptied the socket: the next edge says when more comes.
+                        return Ok(());
                     }
                 }
-                Incoming::Binary(data) => {
-                    if let Some(ws) = conn.ws() {
-                        let _ = ws.write(tungstenite::Message::Binary(data));
-                    }
+                Ok(Received::WouldBlock) => return Ok(()),
+                Ok(Received::Closed) => return Err(CloseReason::Peer),
+                Err(e) => {
+                    tracing::debug!(addr = %conn.addr, "read failed: {e}");
+                    return Err(if conn.link.tls_handshaking() || !conn.open {
+                        CloseReason::HandshakeFailed
+                    } else {
+                        CloseReason::Io
+                    });
                 }
-                Incoming::Text(text) => self.handle_text(slot, text.as_str(), now),
             }
         }
-        self.again.push(slot);
+    }
+
+    /// Handles the upgrade request and whole frames in `input`. False when reading should
+    /// stop: the frame budget is spent (the slot is revisited next turn) or the connection
+    /// is gone; true when more bytes are needed.
+    fn take_frames(
+        &mut self,
+        slot: usize,
+        input: &mut InBuf,
+        now: Instant,
+        frames: &mut usize,
+    ) -> Result<bool, CloseReason> {
+        loop {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                return Ok(false);
+            };
+            if !conn.open {
+                match ws::parse_upgrade(input.data(), conn.via_proxy) {
+                    Ok(None) => return Ok(true),
+                    Ok(Some((used, upgrade))) => {
+                        input.consume(used);
+                        let out = conn.link.output(&mut self.pool);
+                        out.extend_from_slice(upgrade.response().as_bytes());
+                        conn.open = true;
+                        conn.last_frame = now;
+                        if conn.link.is_tls() {
+                            bump(&self.metrics().tls_handshakes, 1);
+                        }
+                        if !self.on_open(slot, upgrade) {
+                            return Ok(false);
+                        }
+                        continue;
+                    }
+                    Err(refusal) => {
+                        tracing::debug!(addr = %conn.addr, "upgrade refused: {}", refusal.reason);
+                        let out = conn.link.output(&mut self.pool);
+                        out.extend_from_slice(refusal.response().as_bytes());
+                        let _ = conn.link.flush(&mut self.pool);
+                        return Err(CloseReason::HandshakeFailed);
+                    }
+                }
+            }
+            if *frames >= FRAMES_PER_TURN {
+                self.again.push(slot);
+                return Ok(false);
+            }
+            let (used, frame) = match conn.ws.next(input.data_mut(), self.limits) {
+                Ok(Some(next)) => next,
+                Ok(None) => return Ok(true),
+                Err(v) => {
+                    // Framing, masking, size or close-code violations: tell the client why
+                    // (RFC 6455 §7.4.1), then drop.
+                    tracing::debug!(addr = %conn.addr, "protocol violation: {}", v.reason);
+                    conn.close_with(v.code, v.reason, &mut self.pool);
+                    return Err(match v.code {
+                        close_code::SIZE => CloseReason::TooLarge,
+                        _ => CloseReason::Protocol,
+                    });
+                }
+            };
+            *frames += 1;
+            conn.last_frame = now;
+            conn.ping_sent = false;
+            let id = conn.id;
+            self.worker.shared.liveness.heard(id, now);
+            let handled = match frame {
+                Frame::Text(range) => self.on_message(slot, true, &input.data()[range], now),
+                Frame::Binary(range) => self.on_message(slot, false, &input.data()[range], now),
+                Frame::Assembled { text } => {
+                    let message = conn.ws.take_message();
+                    self.on_message(slot, text, &message, now)
+                }
+                Frame::Fragment | Frame::Pong => Ok(()),
+                Frame::Ping(range) => {
+                    self.queue_frame(slot, ws::OP_PONG, &input.data()[range]);
+                    Ok(())
+                }
+                Frame::Close(code) => {
+                    // Echo the close (RFC 6455 §5.5.1), send it, and drop the connection.
+                    let out = conn.link.output(&mut self.pool);
+                    match code {
+                        Some(code) => ws::write_close(out, code, ""),
+                        None => ws::write_frame(out, ws::OP_CLOSE, &[]),
+                    }
+                    let _ = conn.link.flush(&mut self.pool);
+                    Err(CloseReason::Peer)
+                }
+            };
+            input.consume(used);
+            handled?;
+        }
+    }
+
+    /// A whole message: text is checked for UTF-8 once, here, then handled; binary is refused
+    /// (echo mode sends both back).
+    fn on_message(
+        &mut self,
+        slot: usize,
+        text: bool,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<(), CloseReason> {
+        let echo = self.worker.echo;
+        if !text {
+            if echo {
+                self.queue_frame(slot, ws::OP_BINARY, payload);
+                return Ok(());
+            }
+            // Refused before any JSON parsing: the protocol is text only.
+            if let Some(conn) = self.conns.get_mut(slot) {
+                conn.close_with(
+                    close_code::UNSUPPORTED,
+                    "binary frames are not supported",
+                    &mut self.pool,
+                );
+            }
+            return Err(CloseReason::Binary);
+        }
+        let Ok(text) = simdutf8::basic::from_utf8(payload) else {
+            if let Some(conn) = self.conns.get_mut(slot) {
+                conn.close_with(close_code::INVALID, "invalid UTF-8", &mut self.pool);
+            }
+            return Err(CloseReason::Protocol);
+        };
+        if echo {
+            self.queue_frame(slot, ws::OP_TEXT, payload);
+        } else {
+            self.handle_text(slot, text, now);
+        }
         Ok(())
     }
 
@@ -487,7 +602,7 @@ impl EventLoop {
                             OutKind::Error
                         }
                     };
-                    self.queue(slot, kind, frame);
+                    self.queue(slot, kind, frame.as_bytes());
                 }
                 Output::ScrapePart { request_id, files } => {
                     let merged = self
@@ -496,7 +611,7 @@ impl EventLoop {
                         .map(|c| c.merge_scrape(request_id, files));
                     match merged {
                         Some(Merged::Done(frame)) => {
-                            self.queue(slot, OutKind::Scrape, frame);
+                            self.queue(slot, OutKind::Scrape, frame.as_bytes());
                         }
                         Some(Merged::Waiting) | None => {}
                         // A part of a scrape already answered (timed out, or another part
@@ -534,26 +649,19 @@ impl EventLoop {
                 conn.scrapes.retain(|p| now < p.deadline);
                 timed_out.extend(std::iter::repeat_n(slot, before - conn.scrapes.len()));
             }
-            match &mut conn.state {
-                State::Handshaking(_) | State::Gone => {
-                    if now.duration_since(conn.opened) > handshake {
-                        to_close.push((slot, CloseReason::HandshakeTimeout));
-                    }
+            if !conn.open {
+                if now.duration_since(conn.opened) > handshake {
+                    to_close.push((slot, CloseReason::HandshakeTimeout));
                 }
-                State::Open(ws) => {
-                    let quiet = now.duration_since(conn.last_frame);
-                    if quiet > idle {
-                        to_close.push((slot, CloseReason::Idle));
-                    } else if quiet > ping && !conn.ping_sent {
-                        conn.ping_sent = true;
-                        if ws
-                            .write(tungstenite::Message::Ping(Default::default()))
-                            .is_ok()
-                        {
-                            pinged.push(slot);
-                        }
-                    }
-                }
+                continue;
+            }
+            let quiet = now.duration_since(conn.last_frame);
+            if quiet > idle {
+                to_close.push((slot, CloseReason::Idle));
+            } else if quiet > ping && !conn.ping_sent {
+                conn.ping_sent = true;
+                ws::write_frame(conn.link.output(&mut self.pool), ws::OP_PING, &[]);
+                pinged.push(slot);
             }
         }
         set_gauge(&self.metrics().memberships, memberships);
@@ -592,14 +700,13 @@ impl EventLoop {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .saturating_sub(1),
         );
-        if let State::Handshaking(mid) = &conn.state
-            && mid.get_ref().get_ref().tls_handshaking()
-        {
+        if conn.link.tls_handshaking() {
             // Counted, not logged: scanners and attackers fail TLS handshakes by the thousand.
             bump(&m.tls_handshake_failures, 1);
         }
         self.release_ip(conn.counted);
         tracing::debug!(worker = self.worker.index, slot, addr = %conn.addr, ?reason, "connection closed");
+        conn.link.release(&mut self.pool);
         let shards = self.worker.to_swarms.len();
         let mut per_shard: Vec<Vec<(InfoHash, PeerId)>> = vec![Vec::new(); shards];
         for (h, p) in conn.swarms.into_pairs() {

@@ -9,8 +9,6 @@ use tidepool_protocol::tracker::{
     Action, ClientMessage, ErrorResponse, ScrapeHashes, ScrapeResponse,
 };
 
-use tungstenite::Utf8Bytes;
-
 use super::EventLoop;
 use super::connection::{
     Change, MAX_PENDING_SCRAPES, MembershipLimits, PendingScrape, TooManySwarms,
@@ -34,7 +32,7 @@ impl EventLoop {
             // Not decoded at all: a flooder costs a refill check and a reply.
             self.count_in(InKind::RateLimited);
             self.count_error(ErrorKind::RateLimited);
-            self.queue(slot, OutKind::Error, Utf8Bytes::from_static(RATE_LIMITED));
+            self.queue(slot, OutKind::Error, RATE_LIMITED.as_bytes());
             return;
         }
         self.handle_request(slot, frame, now);
@@ -78,7 +76,7 @@ impl EventLoop {
             Step::Reply(frame) => {
                 self.count_in(InKind::Invalid);
                 self.count_error(ErrorKind::InvalidRequest);
-                self.queue(slot, OutKind::Error, frame);
+                self.queue(slot, OutKind::Error, frame.as_bytes());
             }
             Step::Announce(a) => {
                 self.count_in(if a.answer.is_some() {
@@ -121,11 +119,7 @@ impl EventLoop {
             info_hash,
         }
         .encode(&mut out);
-        self.queue(
-            slot,
-            OutKind::Error,
-            String::from_utf8(out).unwrap_or_default(),
-        );
+        self.queue(slot, OutKind::Error, &out);
     }
 
     fn forward_announce(&mut self, slot: usize, mut a: Announce, now: Instant) {
@@ -211,11 +205,7 @@ impl EventLoop {
             // A scrape of an empty list: answer at once.
             let mut out = Vec::new();
             ScrapeResponse::default().encode(&mut out);
-            self.queue(
-                slot,
-                OutKind::Scrape,
-                String::from_utf8(out).unwrap_or_default(),
-            );
+            self.queue(slot, OutKind::Scrape, &out);
             return;
         }
         let shards = self.worker.to_swarms.len();
@@ -306,6 +296,6 @@ impl EventLoop {
         if rebuilt {
             bump(&self.metrics().full_scrape_rebuilds, 1);
         }
-        self.queue(slot, OutKind::Scrape, frame);
+        self.queue(slot, OutKind::Scrape, frame.as_bytes());
     }
 }
