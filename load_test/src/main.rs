@@ -32,7 +32,8 @@ enum Command {
         #[command(flatten)]
         options: TrackerLoadConfig,
     },
-    /// Open K connections that announce once and stay idle (for RSS per connection).
+    /// Open K connections (from several loopback addresses), announce each, hold them with a
+    /// fraction active; report the tracker's RSS per connection and the active latency.
     Idle {
         #[command(flatten)]
         options: tidepool_load_test::idle::IdleConfig,
@@ -97,7 +98,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Idle { options } => {
             let want = options.connections;
-            let opened = tidepool_load_test::idle::run(options)?;
+            let opened = tidepool_load_test::idle::run(options)?.opened;
             anyhow::ensure!(
                 opened == want,
                 "only {opened} of {want} connections announced"

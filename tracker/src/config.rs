@@ -266,6 +266,9 @@ impl Config {
         if n.tls_cert.is_some() != n.tls_key.is_some() {
             return fail("network.tls_cert and network.tls_key must be given together");
         }
+        if n.max_message_size > 1 << 30 {
+            return fail("network.max_message_size must be at most 1 GiB");
+        }
         if n.max_frame_size < 1024 || n.max_message_size < n.max_frame_size {
             return fail("network.max_frame_size must be ≥ 1024 and ≤ network.max_message_size");
         }

@@ -42,6 +42,13 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    // A worker thread that panics would leave the process up but its connections, listener
+    // and swarms dead: print the panic, then exit so a supervisor restarts a whole tracker.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::exit(101);
+    }));
     let cli = Cli::parse();
     let mut config = match &cli.config {
         Some(path) => {

@@ -65,6 +65,9 @@ pub enum StartError {
 
 /// Descriptors kept for listeners, pollers, wakers, the metrics server, logs and reloads.
 const RESERVED_DESCRIPTORS: u64 = 256;
+/// Connections in all that the automatic limit stops at: a container whose descriptor limit is
+/// "infinity" (2^30) must not size per-connection tables for a billion connections.
+const AUTO_MAX_CONNECTIONS: u64 = 1 << 21;
 
 /// Raises the descriptor limit to its hard maximum and resolves the per-worker connection
 /// limit against it (0 = what it allows). Refuses a configured limit it cannot hold.
@@ -78,7 +81,9 @@ fn resolve_connection_limit(config: &mut Config) -> Result<(), StartError> {
     };
     let workers = config.workers.socket_workers;
     let n = &mut config.network;
-    let usable = limit.saturating_sub(RESERVED_DESCRIPTORS);
+    let usable = limit
+        .saturating_sub(RESERVED_DESCRIPTORS)
+        .min(AUTO_MAX_CONNECTIONS);
     if n.max_connections_per_worker == 0 {
         n.max_connections_per_worker = (usable / workers as u64).max(1) as usize;
         tracing::info!(
@@ -653,7 +658,6 @@ fn handle(
             info_hash: Some(a.info_hash),
         }
         .encode(&mut frame);
-        let frame = String::from_utf8(frame).unwrap_or_default();
         out.push((conn, Output::Frame(FrameKind::Denied, frame)));
         return;
     }

@@ -144,8 +144,9 @@ pub enum FrameKind {
 /// What a shard produces for a connection.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    /// A text frame to send.
-    Frame(FrameKind, String),
+    /// A text frame to send: JSON this tracker encoded (UTF-8 by construction, so not
+    /// validated again on its way out).
+    Frame(FrameKind, Vec<u8>),
     /// One shard's part of a scrape reply.
     ScrapePart {
         /// The scrape it answers.
@@ -430,7 +431,7 @@ impl Shard {
                 info_hash: Some(a.info_hash),
             }
             .encode(&mut frame);
-            out.push((conn, Output::Frame(FrameKind::Error, into_string(frame))));
+            out.push((conn, Output::Frame(FrameKind::Error, frame)));
         };
 
         let owner = self.owner(&a.info_hash, &a.peer_id);
@@ -524,10 +525,7 @@ impl Shard {
             interval: self.config.announce_interval,
         }
         .encode(&mut frame);
-        out.push((
-            conn,
-            Output::Frame(FrameKind::AnnounceResponse, into_string(frame)),
-        ));
+        out.push((conn, Output::Frame(FrameKind::AnnounceResponse, frame)));
 
         if !a.offers.is_empty() && a.event != AnnounceEvent::Stopped {
             let want = a
@@ -593,10 +591,7 @@ impl Shard {
                 offer: OpaqueJson::Encoded(offer),
             }
             .encode(&mut frame);
-            out.push((
-                peer.conn,
-                Output::Frame(FrameKind::Offer, into_string(frame)),
-            ));
+            out.push((peer.conn, Output::Frame(FrameKind::Offer, frame)));
         }
     }
 
@@ -627,16 +622,8 @@ impl Shard {
             answer: OpaqueJson::Encoded(&answer.answer),
         }
         .encode(&mut frame);
-        out.push((
-            to.conn,
-            Output::Frame(FrameKind::Answer, into_string(frame)),
-        ));
+        out.push((to.conn, Output::Frame(FrameKind::Answer, frame)));
     }
-}
-
-/// The protocol encoders only write UTF-8; the fallback is unreachable.
-fn into_string(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -730,7 +717,7 @@ mod tests {
                 Output::ScrapePart { .. } => None,
             })
             .map(|f| {
-                let mut bytes = f.into_bytes();
+                let mut bytes = f;
                 decoder.decode_server(&mut bytes, |m| match m {
                     Ok(ServerMessage::Announce(r)) => {
                         format!("announce {}/{}", r.complete, r.incomplete)

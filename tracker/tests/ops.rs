@@ -357,7 +357,10 @@ fn a_connection_limit_the_descriptor_limit_cannot_hold_stops_the_start_with_both
         Ok(_) => panic!("started with more connections than descriptors"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("max_connections_per_worker = 1099511627776"), "{err}");
+    assert!(
+        err.contains("max_connections_per_worker = 1099511627776"),
+        "{err}"
+    );
     assert!(err.contains("may open only"), "{err}");
     // The default (0) takes what the limit allows and starts.
     let tracker = tidepool_tracker::Tracker::start(config(2, 1)).expect("default starts");

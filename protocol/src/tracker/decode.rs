@@ -131,8 +131,15 @@ impl Decoder {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         scratch.extend_from_slice(frame.as_bytes());
+        // Padded here, so simd-json parses the copy in place instead of copying it again.
+        scratch.resize(frame.len() + simd_json::INPUT_PADDING, 0);
         let mut tape = std::mem::replace(&mut self.tape, Tape::null()).reset();
-        let out = match simd_json::fill_tape(&mut scratch, &mut self.buffers, &mut tape) {
+        let out = match simd_json::fill_tape_padded(
+            &mut scratch,
+            frame.len(),
+            &mut self.buffers,
+            &mut tape,
+        ) {
             Ok(()) => {
                 let structurals = self.buffers.structural_indexes();
                 let mapped = structural_map(&tape.0, &mut self.map, &mut self.stack);

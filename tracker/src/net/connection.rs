@@ -18,6 +18,8 @@ pub(super) struct Connection {
     pub(super) link: Link,
     /// False until the upgrade request has been answered.
     pub(super) open: bool,
+    /// Bytes of the upgrade request already searched for its end.
+    pub(super) head_scanned: usize,
     /// The message being reassembled from fragments, if any.
     pub(super) ws: Assembler,
     /// The client: the socket's peer, or the address a trusted proxy forwarded.

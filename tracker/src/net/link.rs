@@ -10,8 +10,12 @@ use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
 
 /// Buffers kept for reuse per worker, of each kind; more are freed.
 const POOL_KEEP: usize = 256;
-/// Pooled output buffers larger than this are freed rather than kept.
-const POOL_MAX_OUTPUT: usize = 256 * 1024;
+/// Pooled output buffers larger than this are freed rather than kept (a buffer lent for a
+/// 2-byte pong should not be one that once held a 256 KiB burst).
+const POOL_MAX_OUTPUT: usize = 32 * 1024;
+/// TLS records handled per read at most: a read holds at most a few hundred, so a peer that
+/// gets past this is refused rather than left with records nobody comes back for.
+const MAX_RECORDS_PER_READ: usize = 1 << 16;
 
 /// Received bytes not yet consumed: `bytes[head..tail]`. `bytes` is always initialised to
 /// its length, so reads go straight into it without zeroing each time.
@@ -103,9 +107,11 @@ impl BufPool {
         }
     }
 
-    /// Takes back an input buffer that holds nothing (or frees it).
+    /// Takes back an input buffer that holds nothing (or frees it: one grown past a few
+    /// reads' worth for a large frame is not kept).
     pub(crate) fn give_input(&mut self, buf: InBuf) {
-        if buf.bytes.len() == self.read_size && self.inputs.len() < POOL_KEEP {
+        let len = buf.bytes.len();
+        if (self.read_size..=4 * self.read_size).contains(&len) && self.inputs.len() < POOL_KEEP {
             self.inputs.push(buf.bytes);
         }
     }
@@ -162,6 +168,8 @@ pub(crate) enum Received {
 pub(crate) struct Link {
     tcp: TcpStream,
     tls: Option<Box<Tls>>,
+    /// The TLS handshake finished in the last receive (taken by the loop, for its counter).
+    pub(crate) tls_established: bool,
     /// Plaintext received and not yet consumed (a partial frame or request head).
     pub(crate) input: InBuf,
     /// Plaintext queued to send, from `written` on.
@@ -183,6 +191,7 @@ impl Link {
         Self {
             tcp,
             tls: None,
+            tls_established: false,
             input: InBuf::default(),
             output: Vec::new(),
             written: 0,
@@ -199,10 +208,6 @@ impl Link {
             })),
             ..Self::plain(tcp)
         }
-    }
-
-    pub(crate) fn is_tls(&self) -> bool {
-        self.tls.is_some()
     }
 
     /// True while a TLS session has not finished its handshake.
@@ -266,7 +271,9 @@ impl Link {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Received::Data { drained: false },
             Err(e) => return Err(e.into()),
         };
+        let handshaking = tls.conn.is_handshaking();
         let closed = tls.process(input, pool);
+        self.tls_established = handshaking && !tls.conn.is_handshaking();
         if tls.incoming.is_empty() {
             pool.give_input(std::mem::take(&mut tls.incoming));
         }
@@ -306,10 +313,7 @@ impl Link {
             }
             Some(tls) => {
                 if self.written < self.output.len() && !tls.conn.is_handshaking() {
-                    if tls.outgoing.capacity() == 0 {
-                        tls.outgoing = pool.output();
-                    }
-                    tls.encrypt(&self.output[self.written..])?;
+                    tls.encrypt(&self.output[self.written..], pool)?;
                     self.written = self.output.len();
                 }
                 if self.written == self.output.len() && self.output.capacity() > 0 {
@@ -379,8 +383,8 @@ impl Tls {
     /// records to `outgoing`. True once the peer has closed (close_notify).
     fn process(&mut self, plain: &mut InBuf, pool: &mut BufPool) -> Result<bool, LinkError> {
         let mut peer_closed = false;
-        // Each pass either consumes bytes or changes state; a pass that does neither ends it.
-        for _ in 0..1024 {
+        // Each pass consumes bytes or changes state, until rustls needs more bytes.
+        for _ in 0..MAX_RECORDS_PER_READ {
             let status = self.conn.process_tls_records(self.incoming.data_mut());
             let mut discard = status.discard;
             let state = match status.state {
@@ -427,24 +431,40 @@ impl Tls {
                 return Ok(peer_closed);
             }
         }
-        Ok(peer_closed)
+        Err(LinkError::Io(io::Error::other(
+            "too many TLS records in one read",
+        )))
     }
 
     /// Encrypts `data` into `outgoing` (records of at most 16 KiB each), after any handshake
     /// records rustls has queued (session tickets, key updates).
-    fn encrypt(&mut self, data: &[u8]) -> Result<(), LinkError> {
+    fn encrypt(&mut self, data: &[u8], pool: &mut BufPool) -> Result<(), LinkError> {
+        if self.outgoing.capacity() == 0 {
+            self.outgoing = pool.output();
+        }
         for _ in 0..64 {
-            let status = self.conn.process_tls_records(&mut []);
-            match status.state.map_err(LinkError::Tls)? {
+            // The buffered partial record goes in, not an empty slice: rustls resumes a
+            // half-received handshake message from where its deframer left the buffer (an
+            // empty one would be sliced out of range).
+            let status = self.conn.process_tls_records(self.incoming.data_mut());
+            let discard = status.discard;
+            let state = match status.state {
+                Ok(state) => state,
+                Err(e) => return Err(LinkError::Tls(e)),
+            };
+            match state {
                 ConnectionState::EncodeTlsData(mut encode) => {
                     encode_into(&mut self.outgoing, |buf| encode.encode(buf))?;
                 }
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    return encode_into(&mut self.outgoing, |buf| traffic.encrypt(data, buf));
+                    let done = encode_into(&mut self.outgoing, |buf| traffic.encrypt(data, buf));
+                    self.incoming.consume(discard);
+                    return done;
                 }
                 _ => break,
             }
+            self.incoming.consume(discard);
         }
         Err(LinkError::Io(io::Error::other(
             "TLS not ready for application data",
@@ -534,6 +554,7 @@ mod tests {
         let limits = ws::Limits {
             max_frame: 1 << 16,
             max_message: 1 << 16,
+            binary: false,
         };
         while Instant::now() < deadline {
             let mut input = link.take_input();
@@ -631,6 +652,7 @@ mod tests {
             let limits = ws::Limits {
                 max_frame: 1 << 16,
                 max_message: 1 << 16,
+                binary: false,
             };
             if let Ok(Some((used, Frame::Text(r)))) = ws.next(input.data_mut(), limits) {
                 text = Some(input.data()[r].to_vec());

@@ -100,6 +100,8 @@ impl SocketWorker {
         let limits = ws::Limits {
             max_frame: n.max_frame_size,
             max_message: n.max_message_size,
+            // The protocol is text only; echo mode (Autobahn) sends binary back.
+            binary: self.echo,
         };
         let pool = BufPool::new(n.read_buffer_size);
         EventLoop {
@@ -307,6 +309,7 @@ impl EventLoop {
                 id,
                 link,
                 open: false,
+                head_scanned: 0,
                 ws: Assembler::default(),
                 addr: ip,
                 counted,
@@ -418,15 +421,23 @@ impl EventLoop {
             let Some(conn) = self.conns.get_mut(slot) else {
                 return Ok(());
             };
-            match conn.link.receive(input, &mut self.pool) {
-                Ok(Received::Data { drained }) => {
-                    if !self.take_frames(slot, input, now, &mut frames)? || drained {
+            let received = conn.link.receive(input, &mut self.pool);
+            if std::mem::take(&mut conn.link.tls_established) {
+                let m = &self.worker.shared.metrics.sockets[self.worker.index as usize];
+                bump(&m.tls_handshakes, 1);
+            }
+            match received {
+                // Whatever arrived is handled first, even with the peer's close right behind it
+                // (a close frame and TLS close_notify may share a segment).
+                Ok(received) => {
+                    let more = self.take_frames(slot, input, now, &mut frames)?;
+                    match received {
                         // A short read emptied the socket: the next edge says when more comes.
-                        return Ok(());
+                        Received::Data { drained } if more && !drained => {}
+                        Received::Data { .. } | Received::WouldBlock => return Ok(()),
+                        Received::Closed => return Err(CloseReason::Peer),
                     }
                 }
-                Ok(Received::WouldBlock) => return Ok(()),
-                Ok(Received::Closed) => return Err(CloseReason::Peer),
                 Err(e) => {
                     tracing::debug!(addr = %conn.addr, "read failed: {e}");
                     return Err(if conn.link.tls_handshaking() || !conn.open {
@@ -454,6 +465,16 @@ impl EventLoop {
                 return Ok(false);
             };
             if !conn.open {
+                // The head is parsed once its blank line is in: a head trickled a byte at a
+                // time costs a scan of the new bytes, not a parse of all of them, per read.
+                let from = conn.head_scanned.saturating_sub(3);
+                let complete = input.data()[from.min(input.len())..]
+                    .windows(4)
+                    .any(|w| w == b"\r\n\r\n");
+                conn.head_scanned = input.len();
+                if !complete && input.len() <= ws::MAX_REQUEST_HEAD {
+                    return Ok(true);
+                }
                 match ws::parse_upgrade(input.data(), conn.via_proxy) {
                     Ok(None) => return Ok(true),
                     Ok(Some((used, upgrade))) => {
@@ -462,9 +483,6 @@ impl EventLoop {
                         out.extend_from_slice(upgrade.response().as_bytes());
                         conn.open = true;
                         conn.last_frame = now;
-                        if conn.link.is_tls() {
-                            bump(&self.metrics().tls_handshakes, 1);
-                        }
                         if !self.on_open(slot, upgrade) {
                             return Ok(false);
                         }
@@ -493,6 +511,7 @@ impl EventLoop {
                     conn.close_with(v.code, v.reason, &mut self.pool);
                     return Err(match v.code {
                         close_code::SIZE => CloseReason::TooLarge,
+                        close_code::UNSUPPORTED => CloseReason::Binary,
                         _ => CloseReason::Protocol,
                     });
                 }
@@ -602,7 +621,7 @@ impl EventLoop {
                             OutKind::Error
                         }
                     };
-                    self.queue(slot, kind, frame.as_bytes());
+                    self.queue(slot, kind, &frame);
                 }
                 Output::ScrapePart { request_id, files } => {
                     let merged = self

@@ -203,6 +203,8 @@ const fn violation(reason: &'static str) -> Violation {
 pub(crate) struct Limits {
     pub(crate) max_frame: usize,
     pub(crate) max_message: usize,
+    /// Binary messages are accepted (else refused with 1003 from their first header).
+    pub(crate) binary: bool,
 }
 
 /// A frame decoded from the buffer; ranges index the buffer passed to [`Assembler::next`].
@@ -289,6 +291,12 @@ impl Assembler {
         ) {
             return Err(violation("unknown opcode"));
         }
+        if opcode == OP_BINARY && !limits.binary {
+            return Err(Violation {
+                code: close_code::UNSUPPORTED,
+                reason: "binary frames are not supported",
+            });
+        }
         let (len, mut at) = match b1 & 0x7F {
             126 => match buf.get(2..4) {
                 Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
@@ -337,7 +345,9 @@ impl Assembler {
         };
         let mask = [mask[0], mask[1], mask[2], mask[3]];
         at += 4;
-        let end = at + len;
+        let Some(end) = at.checked_add(len) else {
+            return Err(too_large);
+        };
         let Some(payload) = buf.get_mut(at..end) else {
             return Ok(None);
         };
@@ -468,6 +478,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_frame: 1024,
         max_message: 2048,
+        binary: true,
     };
 
     /// A client frame: masked with a fixed key.
@@ -569,13 +580,11 @@ mod tests {
             let mut frame = client_frame(0x81, &payload);
             let total = frame.len();
             for cut in [1, 2, total / 2, total - 1] {
-                if cut < total {
-                    assert_eq!(
-                        one(&mut frame.clone()[..cut]),
-                        Ok(None),
-                        "len {len} cut {cut}"
-                    );
-                }
+                assert_eq!(
+                    one(&mut frame.clone()[..cut]),
+                    Ok(None),
+                    "len {len} cut {cut}"
+                );
             }
             let (used, f) = one(&mut frame).expect("valid").expect("whole");
             assert_eq!(used, total);
@@ -643,6 +652,18 @@ mod tests {
             "close code 1004"
         );
         assert_eq!(code(&mut client_frame(0x88, &[0x03, 0xE8, 0xFF])), 1007);
+        let text_only = Limits {
+            binary: false,
+            ..LIMITS
+        };
+        let mut header = client_frame(0x02, &[0; 600]);
+        header.truncate(4);
+        let refused = Assembler::default().next(&mut header, text_only);
+        assert_eq!(
+            refused.expect_err("binary").code,
+            1003,
+            "refused from its header"
+        );
         let mut a = Assembler::default();
         a.next(&mut client_frame(0x01, b"a"), LIMITS)
             .expect("fragment");
