@@ -65,6 +65,15 @@ impl<'a> OpaqueJson<'a> {
 
     /// The object as a JSON string.
     pub fn to_json_string(&self) -> String {
+        // The verbatim case (every offer and answer the tracker forwards) is a copy of text
+        // already checked; only re-encoded objects go through the byte writers.
+        if let OpaqueJson::Encoded(text)
+        | OpaqueJson::Tape(TapeJson {
+            raw: Some(text), ..
+        }) = self
+        {
+            return (*text).to_owned();
+        }
         let mut out = Vec::new();
         self.encode(&mut out);
         // Every writer above emits UTF-8 (tape strings and `Encoded` are `&str` already).
