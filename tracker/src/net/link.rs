@@ -170,6 +170,9 @@ pub(crate) struct Link {
     tls: Option<Box<Tls>>,
     /// The TLS handshake finished in the last receive (taken by the loop, for its counter).
     pub(crate) tls_established: bool,
+    /// The last flush left bytes the socket would not take: more writes wait for its
+    /// writable event instead of trying (and failing) again per frame.
+    blocked: bool,
     /// Plaintext received and not yet consumed (a partial frame or request head).
     pub(crate) input: InBuf,
     /// Plaintext queued to send, from `written` on.
@@ -192,6 +195,7 @@ impl Link {
             tcp,
             tls: None,
             tls_established: false,
+            blocked: false,
             input: InBuf::default(),
             output: Vec::new(),
             written: 0,
@@ -292,6 +296,16 @@ impl Link {
                 .map_or(0, |t| t.outgoing.len() - t.written)
     }
 
+    /// Plaintext queued since the last flush handed it to the socket (or to TLS).
+    pub(crate) fn unflushed(&self) -> usize {
+        self.output.len() - self.written
+    }
+
+    /// The socket refused part of the last flush.
+    pub(crate) fn blocked(&self) -> bool {
+        self.blocked
+    }
+
     /// The buffer frames are queued in.
     pub(crate) fn output(&mut self, pool: &mut BufPool) -> &mut Vec<u8> {
         if self.output.capacity() == 0 {
@@ -327,6 +341,7 @@ impl Link {
                 }
             }
         }
+        self.blocked = self.pending() > 0;
         Ok(())
     }
 

@@ -34,8 +34,9 @@ impl EventLoop {
             return false;
         }
         ws::write_frame(conn.link.output(&mut self.pool), opcode, payload);
-        if conn.link.pending() >= WRITE_BATCH_BYTES {
-            // A large turn for one connection goes out as it grows, not all at the end.
+        if conn.link.unflushed() >= WRITE_BATCH_BYTES && !conn.link.blocked() {
+            // A large turn for one connection goes out as it grows, not all at the end (a
+            // socket that refused the last write is retried at its writable event instead).
             if let Err(e) = conn.link.flush(&mut self.pool) {
                 tracing::debug!("write failed: {e}");
                 self.close(slot, CloseReason::Io);
