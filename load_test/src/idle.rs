@@ -181,13 +181,9 @@ async fn run_async(config: IdleConfig) -> anyhow::Result<IdleReport> {
     let rss_before = rss_kib(config.tracker_pid);
     let slab_before = slab_kib();
     let shared = Arc::new(Shared::default());
-    let active_every = if config.active_fraction > 0.0 {
-        (1.0 / config.active_fraction).round().max(1.0) as usize
-    } else {
-        usize::MAX
-    };
+
     let (latency_tx, mut latency_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Opening);
     let started = Instant::now();
     let mut opened = 0;
     let mut active = 0;
@@ -197,8 +193,12 @@ async fn run_async(config: IdleConfig) -> anyhow::Result<IdleReport> {
             let (url, connector) = (config.url.clone(), connector.clone());
             let swarm = i % config.swarms.max(1);
             let from = source(i);
-            async move {
-                let socket = TcpSocket::new_v4().ok()?;
+            let open = async move {
+                let socket = match target {
+                    SocketAddr::V4(_) => TcpSocket::new_v4(),
+                    SocketAddr::V6(_) => TcpSocket::new_v6(),
+                }
+                .ok()?;
                 if let Some(ip) = from {
                     socket.bind(SocketAddr::new(ip, 0)).ok()?;
                 }
@@ -210,19 +210,32 @@ async fn run_async(config: IdleConfig) -> anyhow::Result<IdleReport> {
                 let announce = json!({"action": "announce", "info_hash": format!("{swarm:0>20}"),
                     "peer_id": format!("{i:-<20}"), "event": "started", "left": 1, "numwant": 0});
                 ws.send(Message::text(announce.to_string())).await.ok()?;
-                match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-                    Ok(Some(Ok(Message::Text(_)))) => Some((i, swarm, ws)),
+                // Held only once the tracker has taken it into its swarm.
+                match ws.next().await {
+                    Some(Ok(Message::Text(reply))) if reply.contains("\"interval\"") => {
+                        Some((i, swarm, ws))
+                    }
                     _ => None,
                 }
+            };
+            // A tracker that stalls one connection cannot hang the whole batch.
+            async move {
+                tokio::time::timeout(Duration::from_secs(30), open)
+                    .await
+                    .ok()
+                    .flatten()
             }
         }))
         .await;
         for (i, swarm, ws) in results.into_iter().flatten() {
             opened += 1;
-            let is_active = i % active_every == active_every / 2;
+            // Chosen independently of the swarm (`i % swarms`), so the active peers spread over
+            // the swarms instead of filling a few of them.
+            let is_active = config.active_fraction > 0.0
+                && fastrand::Rng::with_seed(i as u64).f64() < config.active_fraction;
             active += usize::from(is_active);
             let shared = shared.clone();
-            let stop = stop_rx.clone();
+            let phase = phase_rx.clone();
             let latency = latency_tx.clone();
             let plan = is_active.then(|| ActivePlan {
                 info_hash: format!("{swarm:0>20}"),
@@ -231,7 +244,7 @@ async fn run_async(config: IdleConfig) -> anyhow::Result<IdleReport> {
                 offers: config.offers,
                 sdp_bytes: config.sdp_bytes,
             });
-            tokio::spawn(hold(ws, plan, shared, stop, latency));
+            tokio::spawn(hold(ws, plan, shared, phase, latency));
         }
     }
     drop(latency_tx);
@@ -241,7 +254,8 @@ async fn run_async(config: IdleConfig) -> anyhow::Result<IdleReport> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_ready = rss_kib(config.tracker_pid);
     let slab_ready = slab_kib();
-    let _ = stop_tx.send(false);
+    // Active traffic starts now, not while connections were still opening.
+    let _ = phase_tx.send(Phase::Holding);
     let mut hist =
         hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?;
     let hold_until = tokio::time::Instant::now() + Duration::from_secs(config.hold);
@@ -255,7 +269,7 @@ async fn run_async(config: IdleConfig) -> anyhow::Result<IdleReport> {
         }
     }
     let rss_end = rss_kib(config.tracker_pid);
-    let _ = stop_tx.send(true);
+    let _ = phase_tx.send(Phase::Stopping);
     while let Ok(us) = latency_rx.try_recv() {
         let _ = hist.record(us.max(1));
     }
@@ -287,6 +301,14 @@ async fn run_async(config: IdleConfig) -> anyhow::Result<IdleReport> {
     })
 }
 
+/// Where the run is: the active connections announce only while holding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Opening,
+    Holding,
+    Stopping,
+}
+
 /// What an active connection sends.
 struct ActivePlan {
     info_hash: String,
@@ -297,36 +319,44 @@ struct ActivePlan {
 }
 
 /// Holds one connection: reads (and counts) what arrives, and if active announces with
-/// offers every `plan.every`, timing each announce to its response.
+/// offers every `plan.every` while holding, timing each announce to its reply.
 async fn hold<S>(
     ws: tokio_tungstenite::WebSocketStream<S>,
     plan: Option<ActivePlan>,
     shared: Arc<Shared>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut phase: tokio::sync::watch::Receiver<Phase>,
     latency: tokio::sync::mpsc::UnboundedSender<u64>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut tx, mut rx) = ws.split();
     let mut sent: std::collections::VecDeque<Instant> = Default::default();
-    // Active connections start at a random phase, so their announces spread over the interval.
-    let first = plan.as_ref().map_or(Duration::from_secs(3600), |p| {
-        p.every.mul_f64(fastrand::f64())
-    });
-    let mut tick = tokio::time::interval_at(
-        tokio::time::Instant::now() + first,
-        plan.as_ref().map_or(Duration::from_secs(3600), |p| p.every),
-    );
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick: Option<tokio::time::Interval> = None;
     let mut counter = 0u64;
     loop {
+        let next_tick = async {
+            match tick.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
+            changed = phase.changed() => {
+                let now = *phase.borrow();
+                if changed.is_err() || now == Phase::Stopping {
                     return;
                 }
+                if let (Phase::Holding, Some(p), None) = (now, &plan, &tick) {
+                    // A random phase, so the active announces spread over the interval.
+                    let first = tokio::time::Instant::now() + p.every.mul_f64(fastrand::f64());
+                    let mut t = tokio::time::interval_at(first, p.every);
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tick = Some(t);
+                }
             }
-            _ = tick.tick(), if plan.is_some() && !*stop.borrow() => {
+            () = next_tick => {
                 let Some(p) = &plan else { continue };
                 counter += 1;
                 let sdp = "x".repeat(p.sdp_bytes);
@@ -336,26 +366,26 @@ async fn hold<S>(
                     .collect();
                 let announce = json!({"action": "announce", "info_hash": p.info_hash,
                     "peer_id": p.peer_id, "left": 1, "numwant": p.offers, "offers": offers});
+                // Timed from before the send: a send that waits on a full socket is latency too.
+                sent.push_back(Instant::now());
                 if tx.send(Message::text(announce.to_string())).await.is_err() {
                     shared.closed.fetch_add(1, Relaxed);
                     return;
                 }
-                sent.push_back(Instant::now());
                 shared.announces.fetch_add(1, Relaxed);
             }
             msg = rx.next() => match msg {
                 Some(Ok(Message::Text(text))) => {
-                    if text.contains("\"offer\"") {
-                        shared.offers.fetch_add(1, Relaxed);
-                    } else if text.contains("\"interval\"")
-                        && let Some(at) = sent.pop_front()
-                    {
+                    if text.contains("\"offer\"") || text.contains("\"answer\"") {
+                        shared.offers.fetch_add(u64::from(text.contains("\"offer\"")), Relaxed);
+                    } else if let Some(at) = sent.pop_front() {
+                        // An announce reply or a failure: either answers the oldest announce.
                         let _ = latency.send(at.elapsed().as_micros() as u64);
                     }
                 }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => {
-                    if !*stop.borrow() {
+                    if *phase.borrow() == Phase::Holding {
                         shared.closed.fetch_add(1, Relaxed);
                     }
                     return;

@@ -424,3 +424,57 @@ async fn permessage_deflate_is_not_negotiated_and_compressed_frames_are_refused(
     still_served(&tracker.url()).await;
     tracker.shutdown();
 }
+
+/// Reads an HTTP response head from a raw socket.
+async fn response_head(s: &mut tokio::net::TcpStream) -> String {
+    let mut buf = vec![0u8; 4096];
+    let mut head = String::new();
+    while !head.contains("\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert!(n > 0, "closed during handshake: {head}");
+        head.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    head
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_heads_trickled_a_byte_at_a_time_or_ending_lines_in_bare_lf_are_answered_at_once() {
+    let tracker = start(config(1, 1));
+    let crlf = "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(tracker.local_addr())
+        .await
+        .expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    for b in crlf.as_bytes() {
+        s.write_all(&[*b]).await.expect("write");
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let head = response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Bare LF line ends (httparse accepts them): answered now, not at the handshake timeout.
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(tracker.local_addr())
+        .await
+        .expect("connect");
+    s.write_all(crlf.replace("\r\n", "\n").as_bytes())
+        .await
+        .expect("write");
+    let head = response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // A plain HTTP request is refused with a status and a reason, then closed.
+    let mut s = tokio::net::TcpStream::connect(tracker.local_addr())
+        .await
+        .expect("connect");
+    s.write_all(b"GET /announce HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let head = response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    still_served(&tracker.url()).await;
+    tracker.shutdown();
+}

@@ -465,12 +465,11 @@ impl EventLoop {
                 return Ok(false);
             };
             if !conn.open {
-                // The head is parsed once its blank line is in: a head trickled a byte at a
-                // time costs a scan of the new bytes, not a parse of all of them, per read.
-                let from = conn.head_scanned.saturating_sub(3);
-                let complete = input.data()[from.min(input.len())..]
-                    .windows(4)
-                    .any(|w| w == b"\r\n\r\n");
+                // The head is parsed when new bytes end a line (httparse takes bare LF too):
+                // a head trickled a byte at a time costs a scan of the new bytes per read, and
+                // a parse only per line, not per byte.
+                let from = conn.head_scanned.min(input.len());
+                let complete = input.data()[from..].contains(&b'\n');
                 conn.head_scanned = input.len();
                 if !complete && input.len() <= ws::MAX_REQUEST_HEAD {
                     return Ok(true);

@@ -29,6 +29,11 @@ impl EventLoop {
         if !conn.open {
             return false;
         }
+        if conn.link.pending() + payload.len() > limit && conn.link.blocked() {
+            // The socket refused the last write, maybe a turn ago: it may have drained since
+            // (its writable event is handled after this turn's deliveries).
+            let _ = conn.link.flush(&mut self.pool);
+        }
         if conn.link.pending() + payload.len() > limit {
             self.close(slot, CloseReason::SlowReader);
             return false;
