@@ -132,6 +132,10 @@ pub(crate) struct SocketMetrics {
     pub(crate) replies_orphaned: AtomicU64,
     /// Peers (swarm, peer id pairs) the connections of this worker hold, as of the last sweep.
     pub(crate) memberships: AtomicU64,
+    /// Heap bytes in the connections' read/write buffers, as of the last sweep.
+    pub(crate) buffer_bytes_lent: AtomicU64,
+    /// Heap bytes the worker keeps for reuse, as of the last sweep.
+    pub(crate) buffer_bytes_pooled: AtomicU64,
     /// Full-scrape snapshots this worker rebuilt.
     pub(crate) full_scrape_rebuilds: AtomicU64,
     /// Close notices that found a swarm worker's request inbox full and took the close lane.
@@ -156,6 +160,8 @@ impl Default for SocketMetrics {
             inbox_bytes: AtomicU64::new(0),
             replies_orphaned: AtomicU64::new(0),
             memberships: AtomicU64::new(0),
+            buffer_bytes_lent: AtomicU64::new(0),
+            buffer_bytes_pooled: AtomicU64::new(0),
             full_scrape_rebuilds: AtomicU64::new(0),
             closes_overflowed: AtomicU64::new(0),
             tls_handshakes: AtomicU64::new(0),
@@ -343,6 +349,20 @@ impl Metrics {
             "Peers (swarm, peer id pairs) the open connections hold (refreshed each sweep).",
             "gauge",
             &|s| s.memberships.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_connection_buffer_bytes",
+            "Heap bytes in connections' read and write buffers (idle connections hold none; refreshed each sweep).",
+            "gauge",
+            &|s| s.buffer_bytes_lent.load(Relaxed),
+        );
+        per_worker(
+            &mut out,
+            "tidepool_pooled_buffer_bytes",
+            "Heap bytes the socket worker keeps for reuse as buffers (refreshed each sweep).",
+            "gauge",
+            &|s| s.buffer_bytes_pooled.load(Relaxed),
         );
         per_worker(
             &mut out,

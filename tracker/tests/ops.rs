@@ -366,3 +366,53 @@ fn a_connection_limit_the_descriptor_limit_cannot_hold_stops_the_start_with_both
     let tracker = tidepool_tracker::Tracker::start(config(2, 1)).expect("default starts");
     tracker.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_hold_no_buffers_and_a_partial_frame_holds_one_until_it_completes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = config_with_metrics();
+    cfg.network.read_buffer_size = 16 * 1024;
+    let tracker = start(cfg);
+    let lent = "tidepool_connection_buffer_bytes{worker=\"0\"}";
+    // Fifty clients announce, then stay connected and quiet.
+    let mut idle = Vec::new();
+    for i in 0..50u32 {
+        let mut c = Client::connect(&tracker.url()).await;
+        c.announce(&num_id(b'h', i % 5), &num_id(b'p', i), json!({}))
+            .await;
+        idle.push(c);
+    }
+    wait_for_sample(&tracker, lent, 0).await;
+    // A raw client upgrades, then sends half of a frame and stops.
+    let mut raw = tokio::net::TcpStream::connect(tracker.local_addr())
+        .await
+        .expect("connect");
+    raw.set_nodelay(true).expect("nodelay");
+    raw.write_all(
+        b"GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .expect("upgrade");
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = raw.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed during the upgrade");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let payload = br#"{"action":"scrape","info_hash":"aaaaaaaaaaaaaaaaaaaa"}"#;
+    let mask = [9u8, 8, 7, 6];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    raw.write_all(&frame[..20]).await.expect("half a frame");
+    // One read buffer is lent while the frame is partial, and only to that connection.
+    wait_for_sample(&tracker, lent, 16 * 1024).await;
+    raw.write_all(&frame[20..]).await.expect("the rest");
+    let n = raw.read(&mut buf).await.expect("scrape reply");
+    assert!(n > 2 && buf[0] == 0x81, "a text frame answers the scrape");
+    wait_for_sample(&tracker, lent, 0).await;
+    drop(idle);
+    tracker.shutdown();
+}

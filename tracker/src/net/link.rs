@@ -74,7 +74,6 @@ impl InBuf {
     }
 
     /// Bytes this buffer holds from the heap.
-    #[cfg(test)]
     pub(crate) fn capacity(&self) -> usize {
         self.bytes.capacity()
     }
@@ -118,6 +117,12 @@ impl BufPool {
 
     fn output(&mut self) -> Vec<u8> {
         self.outputs.pop().unwrap_or_default()
+    }
+
+    /// Heap bytes kept for reuse.
+    pub(crate) fn pooled(&self) -> usize {
+        self.inputs.iter().map(Vec::capacity).sum::<usize>()
+            + self.outputs.iter().map(Vec::capacity).sum::<usize>()
     }
 
     fn give_output(&mut self, mut buf: Vec<u8>) {
@@ -355,8 +360,7 @@ impl Link {
         }
     }
 
-    /// Heap bytes this link holds now (for tests of the idle cost).
-    #[cfg(test)]
+    /// Heap bytes this link's buffers hold now (0 for an idle connection).
     pub(crate) fn held(&self) -> usize {
         self.input.capacity()
             + self.output.capacity()

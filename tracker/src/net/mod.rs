@@ -656,12 +656,14 @@ impl EventLoop {
         let mut to_close = Vec::new();
         let mut pinged = Vec::new();
         let mut timed_out = Vec::new();
+        let mut lent = 0;
         let mut memberships = 0;
         for (slot, conn) in self.conns.iter_mut() {
             if slot % PRUNE_SLICES == self.prune_slice {
                 conn.swarms.expire(now, record_timeout);
             }
             memberships += conn.swarms.len() as u64;
+            lent += conn.link.held() as u64;
             if conn.scrapes.iter().any(|p| now >= p.deadline) {
                 let before = conn.scrapes.len();
                 conn.scrapes.retain(|p| now < p.deadline);
@@ -683,6 +685,11 @@ impl EventLoop {
             }
         }
         set_gauge(&self.metrics().memberships, memberships);
+        set_gauge(&self.metrics().buffer_bytes_lent, lent);
+        set_gauge(
+            &self.metrics().buffer_bytes_pooled,
+            self.pool.pooled() as u64,
+        );
         for slot in pinged {
             self.mark_dirty(slot);
         }
