@@ -386,16 +386,7 @@ async fn permessage_deflate_is_not_negotiated_and_compressed_frames_are_refused(
                Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
                Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n";
     s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = vec![0u8; 4096];
-    let mut head = String::new();
-    while !head.contains("\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-            .await
-            .expect("in time")
-            .expect("read");
-        assert!(n > 0, "closed during handshake");
-        head.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let head = response_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
         !head
@@ -410,6 +401,7 @@ async fn permessage_deflate_is_not_negotiated_and_compressed_frames_are_refused(
     frame.extend_from_slice(&mask);
     frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     s.write_all(&frame).await.expect("write");
+    let mut buf = vec![0u8; 4096];
     let mut got = Vec::new();
     loop {
         match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
