@@ -7,8 +7,9 @@
 //! - [`swarm`]: the sans-IO core — swarms, peer ownership, offer fan-out, answer routing,
 //!   cleaning. Unit-tested with an injected clock.
 //! - `net`: the socket worker — its event loop (`net/mod.rs`), one connection's state
-//!   (`net/connection.rs`), decoding and forwarding requests (`net/requests.rs`), the batched
-//!   write path (`net/write.rs`), plain/TLS streams (`net/stream.rs`).
+//!   (`net/connection.rs`), the WebSocket protocol, sans-IO (`net/ws.rs`), the socket, TLS and
+//!   pooled buffers (`net/link.rs`), decoding and forwarding requests (`net/requests.rs`), the
+//!   batched write path (`net/write.rs`).
 //! - [`server`]: binding (SO_REUSEPORT), threads and channels, reloads; [`Tracker`].
 //! - `channel`: the count- and byte-bounded channels between workers. `liveness`: when each
 //!   connection was last heard from (peer id takeover). `full_scrape`: the shared snapshot.
@@ -31,5 +32,89 @@ pub mod swarm;
 mod tls;
 
 pub use config::Config;
+
+/// Entry points for the fuzz targets (`fuzz/`): the WebSocket layer's parsers on arbitrary
+/// bytes, with their invariants asserted. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::net::ws::{self, Assembler, Frame, Limits};
+
+    /// Any bytes as an upgrade request: never panics; a complete head takes no more bytes
+    /// than it was given and parses the same from exactly those bytes.
+    pub fn upgrade(data: &[u8]) {
+        if let Ok(Some((used, up))) = ws::parse_upgrade(data, true) {
+            assert!(used <= data.len());
+            assert_eq!(up.accept.len(), 28, "base64 of a SHA-1");
+            let again = ws::parse_upgrade(&data[..used], true);
+            assert_eq!(
+                again.ok().flatten().map(|(n, u)| (n, u.accept)),
+                Some((used, up.accept))
+            );
+        }
+    }
+
+    /// Any bytes as what a client sends after the upgrade (the first byte picks whether
+    /// binary is allowed): never panics, never holds more than the message limit, and gives
+    /// the same frames whether the bytes arrive at once or a few at a time.
+    pub fn frames(data: &[u8]) {
+        let limits = Limits {
+            max_frame: 1024,
+            max_message: 4096,
+            binary: data.first().is_some_and(|b| b & 1 == 1),
+        };
+        let input = data.get(1..).unwrap_or_default();
+        let whole = decode(input, limits, input.len().max(1));
+        for step in [1, 7] {
+            assert_eq!(
+                decode(input, limits, step),
+                whole,
+                "fed {step} bytes at a time"
+            );
+        }
+    }
+
+    fn decode(input: &[u8], limits: Limits, step: usize) -> Vec<String> {
+        let mut assembler = Assembler::default();
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            let upto = (fed + step).min(input.len());
+            buf.extend_from_slice(&input[fed..upto]);
+            fed = upto;
+            loop {
+                match assembler.next(&mut buf, limits) {
+                    Ok(Some((used, frame))) => {
+                        assert!(used <= buf.len());
+                        let bytes = |r: std::ops::Range<usize>| {
+                            assert!(r.end <= used);
+                            buf[r].to_vec()
+                        };
+                        out.push(match frame {
+                            Frame::Text(r) => format!("text {:?}", bytes(r)),
+                            Frame::Binary(r) => format!("binary {:?}", bytes(r)),
+                            Frame::Ping(r) => format!("ping {:?}", bytes(r)),
+                            Frame::Assembled { text } => {
+                                let message = assembler.take_message();
+                                assert!(message.len() <= limits.max_message);
+                                format!("message {text} {message:?}")
+                            }
+                            other => format!("{other:?}"),
+                        });
+                        buf.drain(..used);
+                    }
+                    Ok(None) => break,
+                    Err(v) => {
+                        out.push(format!("close {} {}", v.code, v.reason));
+                        return out;
+                    }
+                }
+            }
+            if fed == input.len() {
+                return out;
+            }
+        }
+    }
+}
 pub use server::{StartError, Tracker};
 pub use tls::TlsError;

@@ -14,7 +14,7 @@ mod connection;
 mod link;
 mod requests;
 mod write;
-mod ws;
+pub(crate) mod ws;
 
 use std::io;
 use std::sync::Arc;
