@@ -249,37 +249,12 @@ impl Link {
             *input = pool.input();
         }
         let Some(tls) = &mut self.tls else {
-            let want = pool.read_size;
-            let spare = input.spare(want);
-            let room = spare.len();
-            return match self.tcp.read(spare) {
-                Ok(0) => Ok(Received::Closed),
-                Ok(n) => {
-                    input.commit(n);
-                    Ok(Received::Data { drained: n < room })
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Received::WouldBlock),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    Ok(Received::Data { drained: false })
-                }
-                Err(e) => Err(e.into()),
-            };
+            return Ok(read_once(&mut self.tcp, input, pool.read_size)?);
         };
         if tls.incoming.bytes.is_empty() {
             tls.incoming = pool.input();
         }
-        let spare = tls.incoming.spare(pool.read_size);
-        let room = spare.len();
-        let received = match self.tcp.read(spare) {
-            Ok(0) => Received::Closed,
-            Ok(n) => {
-                tls.incoming.commit(n);
-                Received::Data { drained: n < room }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Received::WouldBlock,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Received::Data { drained: false },
-            Err(e) => return Err(e.into()),
-        };
+        let received = read_once(&mut self.tcp, &mut tls.incoming, pool.read_size)?;
         let handshaking = tls.conn.is_handshaking();
         let closed = tls.process(input, pool);
         self.tls_established = handshaking && !tls.conn.is_handshaking();
@@ -371,6 +346,22 @@ impl Link {
     }
 }
 
+/// One read from the socket into `buf` (at least `want` bytes of room).
+fn read_once(tcp: &mut TcpStream, buf: &mut InBuf, want: usize) -> io::Result<Received> {
+    let spare = buf.spare(want);
+    let room = spare.len();
+    match tcp.read(spare) {
+        Ok(0) => Ok(Received::Closed),
+        Ok(n) => {
+            buf.commit(n);
+            Ok(Received::Data { drained: n < room })
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Received::WouldBlock),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Received::Data { drained: false }),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes `buf[*written..]` until done or the socket would block; resets both once done.
 fn write_out(tcp: &mut TcpStream, buf: &mut Vec<u8>, written: &mut usize) -> io::Result<()> {
     while *written < buf.len() {
@@ -426,7 +417,7 @@ impl Tls {
                     if self.outgoing.capacity() == 0 {
                         self.outgoing = pool.output();
                     }
-                    encode_into(&mut self.outgoing, |buf| encode.encode(buf))?;
+                    encode_into(&mut self.outgoing, 0, |buf| encode.encode(buf))?;
                 }
                 // The records stay in `outgoing` and go out, in order, at the next flush.
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
@@ -473,11 +464,15 @@ impl Tls {
             };
             match state {
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.outgoing, |buf| encode.encode(buf))?;
+                    encode_into(&mut self.outgoing, 0, |buf| encode.encode(buf))?;
                 }
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    let done = encode_into(&mut self.outgoing, |buf| traffic.encrypt(data, buf));
+                    // Room for every 16 KiB record's header, tag and padding, so one call
+                    // encrypts (rustls asks for more only if this guess is short).
+                    let room = data.len() + (data.len() / 16384 + 1) * 64;
+                    let done =
+                        encode_into(&mut self.outgoing, room, |buf| traffic.encrypt(data, buf));
                     self.incoming.consume(discard);
                     return done;
                 }
@@ -514,18 +509,25 @@ impl RequiredSize for EncryptError {
     }
 }
 
-/// Appends what `write` produces to `out`: asked once with no room for the size it needs,
-/// then given exactly that (rustls leaves the buffer untouched when it is too small).
+/// Appends what `write` produces to `out`: first given `room` bytes, and if rustls says
+/// that is too small (it leaves the buffer untouched then), exactly the size it needs.
 fn encode_into<E: RequiredSize + std::fmt::Display>(
     out: &mut Vec<u8>,
+    room: usize,
     mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
 ) -> Result<(), LinkError> {
     let at = out.len();
-    let need = match write(&mut []) {
-        Ok(_) => return Ok(()),
-        Err(e) => e
-            .required_size()
-            .ok_or_else(|| LinkError::Io(io::Error::other(e.to_string())))?,
+    out.resize(at + room, 0);
+    let need = match write(&mut out[at..]) {
+        Ok(n) => {
+            out.truncate(at + n);
+            return Ok(());
+        }
+        Err(e) => {
+            out.truncate(at);
+            e.required_size()
+                .ok_or_else(|| LinkError::Io(io::Error::other(e.to_string())))?
+        }
     };
     out.resize(at + need, 0);
     match write(&mut out[at..]) {
