@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use sha1::{Digest, Sha1};
 use tidepool_protocol::{InfoHash, PeerId};
 
 /// A STUN or TURN server.
@@ -142,12 +141,9 @@ impl NodeConfig {
     }
 }
 
-/// The info hash of a pool name: SHA-1 of its UTF-8 bytes, like a BitTorrent info hash.
+/// The info hash of a pool name (see [`InfoHash::of_pool`]).
 pub fn pool_info_hash(pool: &str) -> InfoHash {
-    let digest = Sha1::digest(pool.as_bytes());
-    let mut out = [0u8; 20];
-    out.copy_from_slice(&digest);
-    InfoHash(out)
+    InfoHash::of_pool(pool)
 }
 
 /// `-TP0001-` and 12 random alphanumerics, in the Azureus style WebTorrent clients use.

@@ -147,6 +147,15 @@ pub struct OfferId {
     buf: [u8; MAX_OFFER_ID_BYTES],
 }
 
+impl InfoHash {
+    /// The swarm of a pool name: SHA-1 of its UTF-8 bytes, like a BitTorrent info hash. The
+    /// node joins it and the tracker's `token issue --pool` grants it.
+    pub fn of_pool(name: &str) -> Self {
+        use sha1::Digest as _;
+        Self(sha1::Sha1::digest(name.as_bytes()).into())
+    }
+}
+
 impl OfferId {
     /// Wraps an unescaped JSON string; `None` when longer than [`MAX_OFFER_ID_BYTES`].
     pub fn new(s: &str) -> Option<Self> {

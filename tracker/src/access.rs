@@ -101,25 +101,30 @@ impl AccessList {
     }
 }
 
-/// The list shared by all workers. Workers keep their own `Arc` and compare generations once
-/// per loop turn, so the lock is taken only when a reload happened.
+/// The list shared by all workers, swapped whole on reload.
+pub(crate) type SharedAccessList = Swap<AccessList>;
+/// A worker's view of the shared list.
+pub(crate) type AccessView = View<AccessList>;
+
+/// A value every worker reads and a reload replaces whole. Workers keep their own `Arc` and
+/// compare generations once per loop turn, so the lock is taken only after a reload.
 #[derive(Debug, Default)]
-pub(crate) struct SharedAccessList {
+pub(crate) struct Swap<T> {
     generation: AtomicU64,
-    list: RwLock<Arc<AccessList>>,
+    value: RwLock<Arc<T>>,
 }
 
-impl SharedAccessList {
-    pub(crate) fn new(list: AccessList) -> Self {
+impl<T> Swap<T> {
+    pub(crate) fn new(value: T) -> Self {
         Self {
             generation: AtomicU64::new(0),
-            list: RwLock::new(Arc::new(list)),
+            value: RwLock::new(Arc::new(value)),
         }
     }
 
-    pub(crate) fn replace(&self, list: AccessList) {
-        if let Ok(mut current) = self.list.write() {
-            *current = Arc::new(list);
+    pub(crate) fn replace(&self, value: T) {
+        if let Ok(mut current) = self.value.write() {
+            *current = Arc::new(value);
         }
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -128,42 +133,42 @@ impl SharedAccessList {
         self.generation.load(Ordering::Acquire)
     }
 
-    pub(crate) fn current(&self) -> Arc<AccessList> {
-        self.list
+    pub(crate) fn current(&self) -> Arc<T> {
+        self.value
             .read()
             .map(|l| l.clone())
             .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
     }
 }
 
-/// A worker's view of the shared list, refreshed when the generation moves.
+/// A worker's view of a [`Swap`], refreshed when the generation moves.
 #[derive(Debug)]
-pub(crate) struct AccessView {
+pub(crate) struct View<T> {
     generation: u64,
-    list: Arc<AccessList>,
+    value: Arc<T>,
 }
 
-impl AccessView {
-    pub(crate) fn new(shared: &SharedAccessList) -> Self {
+impl<T> View<T> {
+    pub(crate) fn new(shared: &Swap<T>) -> Self {
         Self {
             generation: shared.generation(),
-            list: shared.current(),
+            value: shared.current(),
         }
     }
 
-    /// Picks up a reload; true when the list changed since the last call.
-    pub(crate) fn refresh(&mut self, shared: &SharedAccessList) -> bool {
+    /// Picks up a reload; true when the value changed since the last call.
+    pub(crate) fn refresh(&mut self, shared: &Swap<T>) -> bool {
         let generation = shared.generation();
         if generation == self.generation {
             return false;
         }
         self.generation = generation;
-        self.list = shared.current();
+        self.value = shared.current();
         true
     }
 
-    pub(crate) fn list(&self) -> &AccessList {
-        &self.list
+    pub(crate) fn get(&self) -> &T {
+        &self.value
     }
 }
 
@@ -205,6 +210,6 @@ mod tests {
         shared.replace(list);
         assert!(view.refresh(&shared));
         assert!(!view.refresh(&shared));
-        assert_eq!(view.list().len(), 1);
+        assert_eq!(view.get().len(), 1);
     }
 }

@@ -25,6 +25,8 @@ pub struct Config {
     pub workers: WorkerConfig,
     /// Which swarms are served.
     pub access_list: AccessListConfig,
+    /// Signed tokens: who may connect, and to which pools (off by default).
+    pub auth: AuthConfig,
     /// The `/metrics`, `/stats` and `/stats.json` endpoint.
     pub metrics: MetricsConfig,
 }
@@ -207,6 +209,42 @@ pub struct AccessListConfig {
     pub reload_interval_secs: u64,
 }
 
+/// Signed tokens (JWTs, EdDSA or HMAC) for private pools. With a key set, every connection
+/// must present a token in its upgrade request (`?token=…` in the URL, as browsers can, or
+/// `Authorization: Bearer …`); one that is missing or invalid gets HTTP 401 before the
+/// upgrade. Announces and scrapes are limited to the token's pools, and the connection is
+/// closed (1008) when the token expires. `tidepool-tracker token keygen` makes keys and
+/// `tidepool-tracker token issue` tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// JWK set of verification keys (Ed25519 public keys, HMAC secrets), each with its `kid`.
+    /// Unset: no token is asked for. Reloaded on SIGHUP; connections whose key is gone are
+    /// closed.
+    /// Example: "/etc/tidepool/keys.jwks"
+    pub keys: Option<PathBuf>,
+    /// Revoked token ids (`jti`), one per line, `#` comments. Reloaded on SIGHUP and every
+    /// `reload_interval_secs`; open connections holding a revoked token are closed.
+    /// Example: "/etc/tidepool/revoked.txt"
+    pub revoked: Option<PathBuf>,
+    /// Also reload the keys and the revocation list this often, in seconds (0 = SIGHUP only).
+    pub reload_interval_secs: u64,
+    /// Seconds of clock difference tolerated between the issuer and the tracker (`exp`,
+    /// `nbf`).
+    pub leeway_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            keys: None,
+            revoked: None,
+            reload_interval_secs: 0,
+            leeway_secs: 5,
+        }
+    }
+}
+
 /// The `/metrics`, `/stats` and `/stats.json` endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -262,6 +300,12 @@ impl Config {
         }
         if self.workers.channel_capacity == 0 {
             return fail("workers.channel_capacity must be at least 1");
+        }
+        if self.auth.revoked.is_some() && self.auth.keys.is_none() {
+            return fail("auth.revoked needs auth.keys");
+        }
+        if self.auth.leeway_secs > 600 {
+            return fail("auth.leeway_secs must be at most 600");
         }
         if n.tls_cert.is_some() != n.tls_key.is_some() {
             return fail("network.tls_cert and network.tls_key must be given together");

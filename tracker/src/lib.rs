@@ -19,6 +19,7 @@
 //!   endpoint.
 
 pub mod access;
+pub mod auth;
 mod channel;
 pub mod config;
 mod full_scrape;

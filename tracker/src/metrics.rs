@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use tidepool_protocol::InfoHash;
+
+use crate::auth::Refused;
 use tidepool_protocol::tracker::ScrapeStats;
 
 /// Declares a kind enum with its Prometheus label values, in index order.
@@ -60,6 +62,8 @@ kinds!(
         FullScrapeRateLimited => "full_scrape_rate_limited",
         ScrapeTimeout => "scrape_timeout",
         ScrapesInFlight => "scrapes_in_flight",
+        TokenPool => "token_pool",
+        TokenRole => "token_role",
     }
 );
 
@@ -89,6 +93,9 @@ kinds!(
         TooLarge => "too_large",
         PerIpLimit => "per_ip_limit",
         Shutdown => "shutdown",
+        Unauthorized => "unauthorized",
+        TokenExpired => "token_expired",
+        TokenRevoked => "token_revoked",
     }
 );
 
@@ -117,6 +124,10 @@ pub(crate) struct SocketMetrics {
     pub(crate) connections: AtomicU64,
     pub(crate) accepted: AtomicU64,
     pub(crate) refused: [AtomicU64; RefuseReason::COUNT],
+    /// Upgrade requests refused with 401, indexed by `auth::Refused::index`.
+    pub(crate) auth_refused: [AtomicU64; Refused::ALL.len()],
+    /// Tokens verified at upgrade.
+    pub(crate) auth_accepted: AtomicU64,
     pub(crate) messages_in: [AtomicU64; InKind::COUNT],
     pub(crate) messages_out: [AtomicU64; OutKind::COUNT],
     pub(crate) bytes_in: AtomicU64,
@@ -150,6 +161,8 @@ impl Default for SocketMetrics {
             connections: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             refused: counters(),
+            auth_refused: counters(),
+            auth_accepted: AtomicU64::new(0),
             messages_in: counters(),
             messages_out: counters(),
             bytes_in: AtomicU64::new(0),
@@ -216,6 +229,10 @@ pub(crate) struct Metrics {
     pub(crate) access_list_reload_failures: AtomicU64,
     pub(crate) tls_reloads: AtomicU64,
     pub(crate) tls_reload_failures: AtomicU64,
+    pub(crate) auth_keys: AtomicU64,
+    pub(crate) auth_revoked: AtomicU64,
+    pub(crate) auth_reloads: AtomicU64,
+    pub(crate) auth_reload_failures: AtomicU64,
     pub(crate) rates: Mutex<Rates>,
 }
 
@@ -247,6 +264,10 @@ impl Metrics {
             access_list_reload_failures: AtomicU64::new(0),
             tls_reloads: AtomicU64::new(0),
             tls_reload_failures: AtomicU64::new(0),
+            auth_keys: AtomicU64::new(0),
+            auth_revoked: AtomicU64::new(0),
+            auth_reloads: AtomicU64::new(0),
+            auth_reload_failures: AtomicU64::new(0),
             rates: Mutex::new(Rates::default()),
         }
     }
@@ -415,6 +436,22 @@ impl Metrics {
         );
         labelled(
             &mut out,
+            "tidepool_auth_refusals_total",
+            "Upgrade requests refused with HTTP 401, by what was wrong with the token.",
+            "reason",
+            &Refused::ALL.map(Refused::label),
+            &|s, i| s.auth_refused[i].load(Relaxed),
+        );
+        family(
+            &mut out,
+            "tidepool_auth_accepted_total",
+            "Tokens verified at upgrade.",
+            "counter",
+        );
+        let accepted: u64 = sockets.iter().map(|s| s.auth_accepted.load(Relaxed)).sum();
+        let _ = writeln!(out, "tidepool_auth_accepted_total {accepted}");
+        labelled(
+            &mut out,
             "tidepool_messages_in_total",
             "Text frames received, by kind.",
             "kind",
@@ -581,6 +618,34 @@ impl Metrics {
             "Access list loads that failed (the previous list stays).",
             "counter",
             self.access_list_reload_failures.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "tidepool_auth_keys",
+            "Token verification keys loaded.",
+            "gauge",
+            self.auth_keys.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "tidepool_auth_revoked_tokens",
+            "Token ids in the loaded revocation list.",
+            "gauge",
+            self.auth_revoked.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "tidepool_auth_reloads_total",
+            "Key set and revocation list loads that succeeded.",
+            "counter",
+            self.auth_reloads.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "tidepool_auth_reload_failures_total",
+            "Key set and revocation list loads that failed (the previous ones stay).",
+            "counter",
+            self.auth_reload_failures.load(Relaxed),
         );
         single(
             &mut out,

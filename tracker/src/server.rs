@@ -14,6 +14,7 @@ use mio::{Poll, Waker};
 use tidepool_protocol::tracker::{Action, ErrorResponse};
 
 use crate::access::{AccessList, AccessListError, AccessListMode, AccessView, SharedAccessList};
+use crate::auth::{KeyError, SharedAuth, Verifier};
 use crate::channel::{Rx, Tx};
 use crate::config::{Config, ConfigError};
 use crate::full_scrape::FullScrape;
@@ -44,6 +45,9 @@ pub enum StartError {
     /// The access list could not be loaded.
     #[error(transparent)]
     AccessList(#[from] AccessListError),
+    /// The token keys or revocation list could not be loaded.
+    #[error(transparent)]
+    Auth(#[from] KeyError),
     /// The process may not open as many descriptors as the config asks connections for.
     #[error(
         "network.max_connections_per_worker = {per_worker} with {workers} socket worker(s) needs \
@@ -120,6 +124,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
     pub(crate) access: SharedAccessList,
+    /// Token verification, when `[auth]` has keys.
+    pub(crate) auth: Option<SharedAuth>,
     pub(crate) ip_limiter: IpLimiter,
     /// When each connection was last heard from (for peer id takeover).
     pub(crate) liveness: LivenessTable,
@@ -166,6 +172,31 @@ impl Shared {
                 self.metrics
                     .access_list_reload_failures
                     .fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Loads the token keys and revocation list and swaps them in; the old ones stay on error.
+    fn reload_auth(&self) -> Result<(), KeyError> {
+        let (Some(auth), Some(keys)) = (&self.auth, &self.config.auth.keys) else {
+            return Ok(());
+        };
+        let m = &self.metrics;
+        let c = &self.config.auth;
+        match Verifier::load(keys, c.revoked.as_deref(), c.leeway_secs) {
+            Ok(v) => {
+                m.auth_keys.store(v.key_count() as u64, Ordering::Relaxed);
+                m.auth_revoked
+                    .store(v.revoked_count() as u64, Ordering::Relaxed);
+                m.auth_reloads.fetch_add(1, Ordering::Relaxed);
+                auth.verifier.replace(v);
+                Ok(())
+            }
+            Err(e) => {
+                m.auth_reload_failures.fetch_add(1, Ordering::Relaxed);
                 Err(e)
             }
         }
@@ -223,9 +254,18 @@ impl Tracker {
             .transpose()
             .map_err(io_err("reading the metrics address"))?;
 
+        let auth = match &config.auth.keys {
+            Some(keys) => Some(SharedAuth::new(Verifier::load(
+                keys,
+                config.auth.revoked.as_deref(),
+                config.auth.leeway_secs,
+            )?)),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             metrics: Metrics::new(config.workers.socket_workers, config.workers.swarm_workers),
             access: SharedAccessList::new(AccessList::default()),
+            auth,
             ip_limiter: IpLimiter::new(config.network.max_connections_per_ip),
             liveness: LivenessTable::new(
                 config.workers.socket_workers,
@@ -240,6 +280,7 @@ impl Tracker {
             config,
         });
         shared.reload_access_list()?;
+        shared.reload_auth()?;
         let config = &shared.config;
         let (cap, bytes) = (
             config.workers.channel_capacity,
@@ -361,6 +402,13 @@ impl Tracker {
         self.shared.reload_access_list()
     }
 
+    /// Re-reads the token keys and revocation list (what SIGHUP does). New connections are
+    /// checked against them, and open connections whose token they no longer admit (revoked,
+    /// or its key removed) are closed with 1008. On error the old ones stay in force.
+    pub fn reload_auth(&self) -> Result<(), KeyError> {
+        self.shared.reload_auth()
+    }
+
     /// Re-reads the certificate and key (what SIGHUP does). New handshakes use them; live
     /// connections are untouched. On error the old certificate stays in use.
     pub fn reload_tls(&self) -> Result<(), TlsError> {
@@ -404,11 +452,14 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
         .map_err(io_err(format!("spawning thread {name}")))
 }
 
-/// Timed chores: message rates for the stats page, and the access list reload interval.
+/// Timed chores: message rates for the stats page, and the access list and token key reload
+/// intervals.
 fn run_control(shared: &Shared, stop: &Receiver<()>) {
     let tick = Duration::from_millis(shared.config.metrics.stats_interval_ms);
     let reload_every = Duration::from_secs(shared.config.access_list.reload_interval_secs);
     let mut next_reload = Instant::now() + reload_every;
+    let auth_every = Duration::from_secs(shared.config.auth.reload_interval_secs);
+    let mut next_auth = Instant::now() + auth_every;
     // Samples over the last five seconds; rates are the slope across them.
     let mut samples: VecDeque<(Instant, Totals)> = VecDeque::new();
     samples.push_back((Instant::now(), shared.metrics.totals()));
@@ -444,6 +495,12 @@ fn run_control(shared: &Shared, stop: &Receiver<()>) {
             next_reload = now + reload_every;
             if let Err(e) = shared.reload_access_list() {
                 tracing::warn!("{e}; keeping the previous access list");
+            }
+        }
+        if !auth_every.is_zero() && now >= next_auth {
+            next_auth = now + auth_every;
+            if let Err(e) = shared.reload_auth() {
+                tracing::warn!("{e}; keeping the previous keys and revocation list");
             }
         }
     }
@@ -525,7 +582,7 @@ impl SwarmWorker {
             };
             // After the wait, so requests that arrive after a reload meet the new list.
             if self.access.refresh(&shared.access) {
-                let list = self.access.list();
+                let list = self.access.get();
                 let purged = self.shard.retain_swarms(|h| list.allows(h));
                 bump(&m.peers_purged, purged as u64);
             }
@@ -649,7 +706,7 @@ fn handle(
     out: &mut Vec<(ConnId, Output)>,
 ) {
     if let Request::Announce(a) = &request
-        && !access.list().allows(&a.info_hash)
+        && !access.get().allows(&a.info_hash)
     {
         let mut frame = Vec::new();
         ErrorResponse {

@@ -255,16 +255,9 @@ async fn access_list_reloads_on_its_interval_without_a_signal() {
 
 /// Connects with extra request headers, as a reverse proxy would.
 async fn connect_with(url: &str, headers: &[(&'static str, &str)]) -> Client {
-    let mut req = url.into_client_request().expect("request");
-    for (k, v) in headers {
-        req.headers_mut()
-            .insert(*k, v.parse().expect("header value"));
-    }
-    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+    Client::try_connect_with(url, headers)
         .await
-        .expect("in time")
-        .expect("connects");
-    Client { ws }
+        .expect("connects")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@ use tidepool_protocol::{InfoHash, PeerId};
 
 use super::link::{BufPool, Link};
 use super::ws::{self, Assembler};
+use crate::auth::Grant;
 use crate::swarm::ConnId;
 
 pub(super) struct Connection {
@@ -42,6 +43,8 @@ pub(super) struct Connection {
     pub(super) dirty: bool,
     /// The loop turn in which this connection was last advanced.
     pub(super) advanced_turn: u64,
+    /// What its token allows, when tokens are required (boxed: one pointer when absent).
+    pub(super) grant: Option<Box<Grant>>,
 }
 
 impl Connection {

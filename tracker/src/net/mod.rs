@@ -26,7 +26,8 @@ use slab::Slab;
 use tidepool_protocol::tracker::{Action, Decoder, Limits};
 use tidepool_protocol::{InfoHash, PeerId};
 
-use crate::access::AccessView;
+use crate::access::{AccessView, View};
+use crate::auth::{Refused, Verifier};
 use crate::channel::Rx;
 use crate::metrics::{CloseReason, ErrorKind, OutKind, RefuseReason, SocketMetrics, bump};
 use crate::proxy::{forwarded_client, is_trusted};
@@ -97,6 +98,7 @@ impl SocketWorker {
         });
         let n = &self.shared.config.network;
         let access = AccessView::new(&self.shared.access);
+        let auth = self.shared.auth.as_ref().map(|a| View::new(&a.verifier));
         let limits = ws::Limits {
             max_frame: n.max_frame_size,
             max_message: n.max_message_size,
@@ -113,6 +115,7 @@ impl SocketWorker {
             limits,
             pool,
             access,
+            auth,
             again: Vec::new(),
             dirty: Vec::new(),
             inbox_pending: false,
@@ -138,6 +141,8 @@ struct EventLoop {
     /// Read and write buffers, lent to connections only while they hold bytes.
     pool: BufPool,
     access: AccessView,
+    /// The token verifier, when `[auth]` has keys.
+    auth: Option<View<Verifier>>,
     /// Connections that hit `FRAMES_PER_TURN` and may have more input buffered. Edge-triggered
     /// polling will not report them again, so the loop revisits them itself.
     again: Vec<usize>,
@@ -182,6 +187,7 @@ impl EventLoop {
             }
             // After the wait, so frames that arrive after a reload meet the new list.
             self.access.refresh(&self.worker.shared.access);
+            self.refresh_auth();
             // Replies first. While they back up, reading more requests would only make more
             // replies to drop: reads wait (TCP pushes back on the clients) until the backlog
             // is delivered, and writable connections are still flushed.
@@ -323,6 +329,7 @@ impl EventLoop {
                 last_full_scrape: None,
                 dirty: false,
                 advanced_turn: 0,
+                grant: None,
             });
             shared.liveness.opened(id, now);
             let m = self.metrics();
@@ -359,6 +366,64 @@ impl EventLoop {
 
     /// After the upgrade: resolves a proxied client's address and applies the per-address
     /// limit to it. False if the connection was refused and closed.
+    /// Checks the token of an upgrade request when tokens are required, counting the outcome;
+    /// the grant goes with the connection.
+    fn admit(&mut self, slot: usize, token: Option<String>) -> Result<(), Refused> {
+        let Some(view) = &self.auth else {
+            return Ok(());
+        };
+        let m = &self.worker.shared.metrics.sockets[self.worker.index as usize];
+        let verified = token
+            .ok_or(Refused::Missing)
+            .and_then(|t| view.get().verify(&t, crate::auth::unix_now()))
+            .and_then(|grant| {
+                let shared = self.worker.shared.auth.as_ref();
+                match shared.is_none_or(|a| a.acquire(&grant)) {
+                    true => Ok(grant),
+                    false => Err(Refused::PeerLimit),
+                }
+            });
+        match verified {
+            Ok(grant) => {
+                bump(&m.auth_accepted, 1);
+                if let Some(conn) = self.conns.get_mut(slot) {
+                    conn.grant = Some(Box::new(grant));
+                }
+                Ok(())
+            }
+            Err(refused) => {
+                bump(&m.auth_refused[refused.index()], 1);
+                let addr = self.conns.get(slot).map(|c| c.addr);
+                tracing::debug!(?addr, "upgrade refused: {refused}");
+                Err(refused)
+            }
+        }
+    }
+
+    /// Picks up reloaded keys and revocations, closing connections whose token they no
+    /// longer admit.
+    fn refresh_auth(&mut self) {
+        let (Some(view), Some(shared)) = (&mut self.auth, &self.worker.shared.auth) else {
+            return;
+        };
+        if !view.refresh(&shared.verifier) {
+            return;
+        }
+        let verifier = view.get();
+        let revoked: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.grant.as_ref().is_some_and(|g| !verifier.still_admits(g)))
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in revoked {
+            if let Some(conn) = self.conns.get_mut(slot) {
+                conn.close_with(close_code::POLICY, "token revoked", &mut self.pool);
+            }
+            self.close(slot, CloseReason::TokenRevoked);
+        }
+    }
+
     fn on_open(&mut self, slot: usize, upgrade: ws::Upgrade) -> bool {
         let shared = self.worker.shared.clone();
         let Some(conn) = self.conns.get_mut(slot) else {
@@ -476,8 +541,24 @@ impl EventLoop {
                 }
                 match ws::parse_upgrade(input.data(), conn.via_proxy) {
                     Ok(None) => return Ok(true),
-                    Ok(Some((used, upgrade))) => {
+                    Ok(Some((used, mut upgrade))) => {
                         input.consume(used);
+                        if let Err(refused) = self.admit(slot, upgrade.token.take()) {
+                            let Some(conn) = self.conns.get_mut(slot) else {
+                                return Ok(false);
+                            };
+                            let refusal = ws::Refusal {
+                                status: 401,
+                                reason: refused.message(),
+                            };
+                            let out = conn.link.output(&mut self.pool);
+                            out.extend_from_slice(refusal.response().as_bytes());
+                            let _ = conn.link.flush(&mut self.pool);
+                            return Err(CloseReason::Unauthorized);
+                        }
+                        let Some(conn) = self.conns.get_mut(slot) else {
+                            return Ok(false);
+                        };
                         let out = conn.link.output(&mut self.pool);
                         out.extend_from_slice(upgrade.response().as_bytes());
                         conn.open = true;
@@ -654,6 +735,8 @@ impl EventLoop {
         // every PRUNE_SLICES ticks), so no tick pays for every record at once.
         self.prune_slice = (self.prune_slice + 1) % PRUNE_SLICES;
         let mut to_close = Vec::new();
+        let mut expired = Vec::new();
+        let unix_now = crate::auth::unix_now();
         let mut pinged = Vec::new();
         let mut timed_out = Vec::new();
         let mut lent = 0;
@@ -673,6 +756,10 @@ impl EventLoop {
                 if now.duration_since(conn.opened) > handshake {
                     to_close.push((slot, CloseReason::HandshakeTimeout));
                 }
+                continue;
+            }
+            if conn.grant.as_ref().is_some_and(|g| g.expires <= unix_now) {
+                expired.push(slot);
                 continue;
             }
             let quiet = now.duration_since(conn.last_frame);
@@ -705,6 +792,12 @@ impl EventLoop {
         for (slot, reason) in to_close {
             self.close(slot, reason);
         }
+        for slot in expired {
+            if let Some(conn) = self.conns.get_mut(slot) {
+                conn.close_with(close_code::POLICY, "token expired", &mut self.pool);
+            }
+            self.close(slot, CloseReason::TokenExpired);
+        }
     }
 
     /// Drops a connection and tells the swarm workers which peers it held, on the lane that
@@ -730,6 +823,9 @@ impl EventLoop {
             bump(&m.tls_handshake_failures, 1);
         }
         self.release_ip(conn.counted);
+        if let (Some(grant), Some(auth)) = (&conn.grant, &shared.auth) {
+            auth.release(grant);
+        }
         tracing::debug!(worker = self.worker.index, slot, addr = %conn.addr, ?reason, "connection closed");
         conn.link.release(&mut self.pool);
         let shards = self.worker.to_swarms.len();

@@ -13,6 +13,7 @@ use super::EventLoop;
 use super::connection::{
     Change, MAX_PENDING_SCRAPES, MembershipLimits, PendingScrape, TooManySwarms,
 };
+use crate::auth::{Denied, Pools};
 use crate::metrics::{ErrorKind, InKind, OutKind, bump};
 use crate::swarm::{Announce, AnswerPart, Request};
 
@@ -123,7 +124,29 @@ impl EventLoop {
     }
 
     fn forward_announce(&mut self, slot: usize, mut a: Announce, now: Instant) {
-        if !self.access.list().allows(&a.info_hash) {
+        let denied = self.conns.get(slot).and_then(|c| {
+            let grant = c.grant.as_ref()?;
+            // An answer names the offerer's swarm but joins nothing: only the pool counts.
+            let seeder = if a.answer.is_some() {
+                None
+            } else {
+                Some(a.seeder)
+            };
+            match seeder {
+                Some(seeder) => grant.check_announce(&a.info_hash, seeder).err(),
+                None => (!grant.admits(&a.info_hash)).then_some(Denied::Pool),
+            }
+        });
+        if let Some(denied) = denied {
+            let kind = match denied {
+                Denied::Pool => ErrorKind::TokenPool,
+                Denied::Role => ErrorKind::TokenRole,
+            };
+            let reason = denied.reason();
+            self.failure(slot, kind, reason, Action::Announce, Some(a.info_hash));
+            return;
+        }
+        if !self.access.get().allows(&a.info_hash) {
             let reason = "info_hash is not allowed on this tracker";
             self.failure(
                 slot,
@@ -197,6 +220,17 @@ impl EventLoop {
     }
 
     fn forward_scrape(&mut self, slot: usize, hashes: ScrapeHashes, now: Instant) {
+        let grant = self.conns.get(slot).and_then(|c| c.grant.as_deref());
+        // A token limits scrapes to its pools too: a full scrape would list every pool.
+        let admitted = grant.is_none_or(|g| match &hashes {
+            ScrapeHashes::All => g.pools == Pools::Any,
+            listed => listed.as_slice().iter().all(|h| g.admits(h)),
+        });
+        if !admitted {
+            let reason = Denied::Pool.reason();
+            self.failure(slot, ErrorKind::TokenPool, reason, Action::Scrape, None);
+            return;
+        }
         let requested = match hashes {
             ScrapeHashes::All => return self.full_scrape(slot, now),
             other => other.as_slice().to_vec(),

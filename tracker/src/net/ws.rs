@@ -40,6 +40,9 @@ pub(crate) struct Upgrade {
     /// `X-Forwarded-For` and `X-Real-IP`, for connections from trusted proxies.
     pub(crate) forwarded_for: Option<String>,
     pub(crate) real_ip: Option<String>,
+    /// A bearer token from the URL's `token` query parameter or `Authorization: Bearer`.
+    /// Never logged.
+    pub(crate) token: Option<String>,
 }
 
 impl Upgrade {
@@ -72,6 +75,7 @@ impl Refusal {
     pub(crate) fn response(&self) -> String {
         let (text, extra) = match self.status {
             426 => ("Upgrade Required", "Sec-WebSocket-Version: 13\r\n"),
+            401 => ("Unauthorized", "WWW-Authenticate: Bearer\r\n"),
             431 => ("Request Header Fields Too Large", ""),
             _ => ("Bad Request", ""),
         };
@@ -165,14 +169,34 @@ pub(crate) fn parse_upgrade(
     } else {
         (None, None)
     };
+    let token = header("authorization")
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .or_else(|| query_param(req.path.unwrap_or_default(), "token"))
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
     Ok(Some((
         used,
         Upgrade {
             accept: accept_key(key.as_bytes()),
             forwarded_for,
             real_ip,
+            token,
         },
     )))
+}
+
+/// The value of `name` in a request target's query (`/path?a=1&token=…`), undecoded: tokens
+/// are JWTs, whose characters need no escaping in a URL.
+fn query_param<'a>(target: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = target.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 /// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
@@ -532,6 +556,41 @@ mod tests {
         assert_eq!(
             up.forwarded_for, None,
             "headers are believed from trusted proxies only"
+        );
+    }
+
+    #[test]
+    fn tokens_come_from_the_query_or_a_bearer_header() {
+        let head = |target: &str, extra: &str| {
+            format!(
+                "GET {target} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+            )
+        };
+        let token = |req: String| {
+            parse_upgrade(req.as_bytes(), false)
+                .expect("valid")
+                .expect("complete")
+                .1
+                .token
+        };
+        assert_eq!(token(head("/", "")), None);
+        assert_eq!(token(head("/?token=a.b.c", "")), Some("a.b.c".into()));
+        assert_eq!(
+            token(head("/announce?x=1&token=a.b.c&y", "")),
+            Some("a.b.c".into())
+        );
+        assert_eq!(token(head("/?tokens=a.b.c", "")), None);
+        assert_eq!(token(head("/?token=", "")), None);
+        assert_eq!(
+            token(head("/", "Authorization: Bearer  h.e.d \r\n")),
+            Some("h.e.d".into())
+        );
+        assert_eq!(token(head("/", "Authorization: Basic eDp5\r\n")), None);
+        // The header wins over the query.
+        assert_eq!(
+            token(head("/?token=q.q.q", "authorization: bearer h.h.h\r\n")),
+            Some("h.h.h".into())
         );
     }
 

@@ -54,6 +54,23 @@ impl Client {
         Client { ws }
     }
 
+    /// Connects with extra request headers; a refused handshake (an HTTP status) is returned.
+    pub async fn try_connect_with(
+        url: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut req = url.into_client_request()?;
+        for (k, v) in headers {
+            req.headers_mut()
+                .insert(*k, v.parse().expect("header value"));
+        }
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("in time")?;
+        Ok(Client { ws })
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.send_text(v.to_string()).await;
     }
