@@ -229,8 +229,7 @@ pub struct AuthConfig {
     pub revoked: Option<PathBuf>,
     /// Also reload the keys and the revocation list this often, in seconds (0 = SIGHUP only).
     pub reload_interval_secs: u64,
-    /// Seconds of clock difference tolerated between the issuer and the tracker (`exp`,
-    /// `nbf`).
+    /// Seconds of clock skew tolerated between token issuer and tracker (`exp`, `nbf`).
     pub leeway_secs: u64,
 }
 
