@@ -285,6 +285,9 @@ fn main() -> anyhow::Result<()> {
         config.workers.socket_workers,
         config.workers.swarm_workers,
     );
+    if let Some(keys) = &config.auth.keys {
+        tracing::info!("tokens required (keys from {})", keys.display());
+    }
     if let Some(addr) = tracker.metrics_addr() {
         tracing::info!("metrics on http://{addr}/metrics, stats page on http://{addr}/stats");
     }

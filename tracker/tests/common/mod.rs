@@ -128,6 +128,16 @@ impl Client {
 
     /// Connects over wss to `url`, trusting only the DER certificates in `roots`.
     pub async fn connect_wss(url: &str, roots: &[&[u8]]) -> Client {
+        Self::try_connect_wss(url, roots)
+            .await
+            .expect("wss handshake")
+    }
+
+    /// Connects over wss; a refused handshake (an HTTP status) is returned.
+    pub async fn try_connect_wss(
+        url: &str,
+        roots: &[&[u8]],
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         let mut store = rustls::RootCertStore::empty();
         for der in roots {
             store.add(der.to_vec().into()).expect("root added");
@@ -151,9 +161,8 @@ impl Client {
             ),
         )
         .await
-        .expect("in time")
-        .expect("wss handshake");
-        Client { ws }
+        .expect("in time")?;
+        Ok(Client { ws })
     }
 
     /// The certificate the server showed, for a wss client.
