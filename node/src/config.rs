@@ -21,6 +21,9 @@ pub struct IceServer {
 pub struct NodeConfig {
     /// Tracker URL, `ws://` or `wss://`.
     pub tracker_url: String,
+    /// Bearer token for a private pool, sent in the upgrade's `Authorization` header (never
+    /// logged). A tracker that refuses it ends the node's tracker connection for good.
+    pub token: Option<String>,
     /// The pool: a swarm on the tracker. [`NodeConfig::new`] hashes a pool name into it.
     pub info_hash: InfoHash,
     /// This node's id in the pool (random by default, `-TP0001-` then 12 random characters).
@@ -75,6 +78,7 @@ impl NodeConfig {
     pub fn new(tracker_url: impl Into<String>, pool: &str) -> Self {
         Self {
             tracker_url: tracker_url.into(),
+            token: None,
             info_hash: pool_info_hash(pool),
             peer_id: random_peer_id(),
             max_peers: 8,

@@ -115,6 +115,8 @@ pub enum TrackerState {
     Disconnected(String),
     /// The tracker answered with a failure reason.
     Refused(String),
+    /// The tracker refused the token; it is not contacted again.
+    Unauthorized(String),
 }
 
 /// What happens in the pool, in order per peer.

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mimalloc::MiMalloc;
 use tidepool_node::pool::{Pool, PoolConfig};
-use tidepool_node::{Event, Node, NodeConfig, PeerId};
+use tidepool_node::{Event, Node, NodeConfig, PeerId, TrackerState};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -33,6 +33,10 @@ struct PoolArgs {
     /// Pool name (hashed into the swarm's info hash).
     #[arg(long)]
     pool: String,
+    /// Token for a private pool (`tidepool-tracker token issue`); sent as a bearer header,
+    /// never logged. A refused token ends the command with the tracker's reason.
+    #[arg(long, env = "TIDEPOOL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Gather loopback candidates only (tests, a machine without a network).
     #[arg(long)]
     loopback: bool,
@@ -153,6 +157,7 @@ async fn serve_until_interrupted(
         tokio::select! {
             _ = every.tick(), if json => println!("{}", status_json(pool, last.as_ref())),
             r = &mut stop => return r,
+            reason = pool.node().unauthorized() => anyhow::bail!("{reason}"),
         }
     }
 }
@@ -173,6 +178,7 @@ fn short(p: &PeerId) -> String {
 
 fn node_config(j: &PoolArgs) -> NodeConfig {
     let mut config = NodeConfig::new(j.tracker.clone(), &j.pool);
+    config.token = j.token.clone();
     if j.loopback {
         config = config.for_loopback();
     }
@@ -260,7 +266,12 @@ async fn main() -> anyhow::Result<()> {
             let id = tidepool_node::pool::FileId::from_hex(&file_id)
                 .context("FILE_ID must be 64 hex digits")?;
             let pool = start_pool(&join, false).await?;
-            let download = pool.get(id, &output).await?;
+            // A download first needs the file's metadata from a peer, found through the
+            // tracker: a refused token must end the wait there too.
+            let download = tokio::select! {
+                d = pool.get(id, &output) => d?,
+                reason = pool.node().unauthorized() => anyhow::bail!("{reason}"),
+            };
             let mut progress = download.progress.clone();
             let bar = (!json).then(|| {
                 let bar = indicatif::ProgressBar::new(progress.borrow().total_bytes);
@@ -286,6 +297,7 @@ async fn main() -> anyhow::Result<()> {
                 });
                 let result = tokio::select! {
                     r = download.finished() => r,
+                    reason = pool.node().unauthorized() => anyhow::bail!("{reason}"),
                     r = interrupted() => {
                         r?;
                         anyhow::bail!("interrupted; run the same command again to resume");
@@ -302,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
                 loop {
                     tokio::select! {
                         r = &mut finished => break r,
+                        reason = pool.node().unauthorized() => anyhow::bail!("{reason}"),
                         r = &mut stop => {
                             r?;
                             anyhow::bail!("interrupted; run the same command again to resume");
@@ -353,6 +366,10 @@ async fn run_join(join: &PoolArgs, stats_every: u64) -> anyhow::Result<()> {
                 Some(Event::PeerConnected { peer }) => println!("+ peer {}", short(&peer)),
                 Some(Event::PeerDisconnected { peer, reason }) => {
                     println!("- peer {} ({reason:?})", short(&peer));
+                }
+                Some(Event::Tracker(TrackerState::Unauthorized(reason))) => {
+                    node.leave().await;
+                    anyhow::bail!("{reason}");
                 }
                 Some(Event::Tracker(state)) => println!("tracker: {state:?}"),
                 Some(_) => {}

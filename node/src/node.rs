@@ -68,6 +68,8 @@ pub(crate) struct Inner {
     started: Instant,
     drops_at_start: Option<u64>,
     tracker_up: AtomicBool,
+    /// Set once the tracker refuses the token: the node then works without a tracker.
+    unauthorized: tokio::sync::watch::Sender<Option<String>>,
     announces: AtomicU64,
     offers_sent: AtomicU64,
     answers_sent: AtomicU64,
@@ -147,6 +149,7 @@ impl Node {
             started: Instant::now(),
             drops_at_start: kernel_udp_rcvbuf_errors(),
             tracker_up: AtomicBool::new(false),
+            unauthorized: tokio::sync::watch::Sender::new(None),
             announces: AtomicU64::new(0),
             offers_sent: AtomicU64::new(0),
             answers_sent: AtomicU64::new(0),
@@ -159,6 +162,7 @@ impl Node {
         let c = &inner.config;
         tokio::spawn(signaling::run(
             c.tracker_url.clone(),
+            c.token.clone(),
             c.reconnect_min,
             c.reconnect_max,
             out_rx,
@@ -202,6 +206,17 @@ impl Node {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.inner.config.peer_id
+    }
+
+    /// Resolves when the tracker refuses this node's token (HTTP 401/403), with the reason;
+    /// the node does not retry. Pending forever while the tracker accepts it.
+    pub async fn unauthorized(&self) -> String {
+        let mut rx = self.inner.unauthorized.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The sender lives as long as the node: never reached while it runs.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// The next event, or `None` after [`Node::leave`]. Taking a message that asked for a
@@ -564,6 +579,12 @@ impl Core {
                 } else if others <= connected + pending {
                     self.next_announce = now + self.inner.config.offer_timeout;
                 }
+            }
+            TrackerIn::Unauthorized(reason) => {
+                self.inner.tracker_up.store(false, Relaxed);
+                tracing::error!("{reason}");
+                self.inner.unauthorized.send_replace(Some(reason.clone()));
+                self.emit(Event::Tracker(TrackerState::Unauthorized(reason)));
             }
             TrackerIn::Failure(reason) => {
                 tracing::warn!("tracker refused: {reason}");

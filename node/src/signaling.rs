@@ -33,12 +33,15 @@ pub(crate) enum TrackerIn {
     },
     /// A `failure reason` from the tracker.
     Failure(String),
+    /// The tracker refused the token (HTTP 401/403): no reconnect follows.
+    Unauthorized(String),
 }
 
 /// Runs until `out` is closed (the node is leaving). Frames sent while disconnected are
 /// dropped: offers and answers are stale by the time a reconnect succeeds.
 pub(crate) async fn run(
     url: String,
+    token: Option<String>,
     reconnect_min: Duration,
     reconnect_max: Duration,
     mut out: mpsc::UnboundedReceiver<Vec<u8>>,
@@ -46,23 +49,46 @@ pub(crate) async fn run(
 ) {
     let mut backoff = reconnect_min;
     let mut decoder = Decoder::default();
+    // Logs and errors name the URL without any token a user put in its query.
+    let shown = redact(&url);
     loop {
+        let request = match request(&url, token.as_deref()) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(TrackerIn::Unauthorized(format!("bad tracker request: {e}")));
+                return;
+            }
+        };
         let connect = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async(url.as_str()),
+            tokio_tungstenite::connect_async(request),
         )
         .await;
         let mut ws = match connect {
             Ok(Ok((ws, _))) => ws,
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp)))
+                if matches!(resp.status().as_u16(), 401 | 403) =>
+            {
+                let body = resp
+                    .body()
+                    .as_deref()
+                    .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                    .unwrap_or_default();
+                let _ = tx.send(TrackerIn::Unauthorized(format!(
+                    "{shown} refused the token (HTTP {}): {body}",
+                    resp.status().as_u16()
+                )));
+                return;
+            }
             Ok(Err(e)) => {
-                let _ = tx.send(TrackerIn::Down(format!("connecting to {url}: {e}")));
+                let _ = tx.send(TrackerIn::Down(format!("connecting to {shown}: {e}")));
                 if !wait_or_leave(&mut out, &mut backoff, reconnect_max).await {
                     return;
                 }
                 continue;
             }
             Err(_) => {
-                let _ = tx.send(TrackerIn::Down(format!("connecting to {url}: timed out")));
+                let _ = tx.send(TrackerIn::Down(format!("connecting to {shown}: timed out")));
                 if !wait_or_leave(&mut out, &mut backoff, reconnect_max).await {
                     return;
                 }
@@ -116,6 +142,44 @@ pub(crate) async fn run(
     }
 }
 
+/// The upgrade request, with the token as a bearer header.
+fn request(
+    url: &str,
+    token: Option<&str>,
+) -> Result<
+    tokio_tungstenite::tungstenite::handshake::client::Request,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut req = url.into_client_request()?;
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            tokio_tungstenite::tungstenite::Error::Url(
+                tokio_tungstenite::tungstenite::error::UrlError::UnableToConnect(
+                    "the token holds characters a header cannot".into(),
+                ),
+            )
+        })?;
+        req.headers_mut().insert("authorization", value);
+    }
+    Ok(req)
+}
+
+/// `url` with the value of any `token` query parameter hidden, for logs.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some(("token", _)) => "token=…".to_owned(),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
+}
+
 /// Sleeps for the backoff (with jitter so a restarted tracker is not hit by every node at
 /// once), discarding queued frames. False if the node left meanwhile.
 async fn wait_or_leave(
@@ -158,5 +222,30 @@ fn to_owned_message(
             tracing::debug!("undecodable tracker frame: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_in_a_tracker_url_are_hidden_from_logs() {
+        assert_eq!(
+            redact("wss://t.example/?token=a.b.c"),
+            "wss://t.example/?token=…"
+        );
+        assert_eq!(
+            redact("ws://127.0.0.1:8000/announce?x=1&token=a.b.c&y=2"),
+            "ws://127.0.0.1:8000/announce?x=1&token=…&y=2"
+        );
+        assert_eq!(redact("ws://127.0.0.1:8000"), "ws://127.0.0.1:8000");
+    }
+
+    #[test]
+    fn the_token_travels_as_a_bearer_header() {
+        let req = request("ws://127.0.0.1:1/", Some("h.p.s")).expect("request");
+        assert_eq!(req.headers()["authorization"], "Bearer h.p.s");
+        assert!(request("ws://127.0.0.1:1/", Some("bad\ntoken")).is_err());
     }
 }
