@@ -7,8 +7,8 @@
 //       seeding to the others until stdin closes, as pool nodes do)
 //
 // Only the given tracker is used: DHT, LSD, uTP, PEX, UPnP and NAT-PMP are off, and WebRTC
-// binds loopback only. Every run ends by itself: a deadline (--deadline SECS, default 60)
-// exits non-zero.
+// binds loopback only (--bind any: every local address, for browser peers). Every run ends
+// by itself: a deadline (--deadline SECS, default 60) exits non-zero.
 
 import { join } from 'node:path'
 import WebTorrent from 'webtorrent'
@@ -37,7 +37,9 @@ const client = new WebTorrent({
   natUpnp: false,
   natPmp: false,
   webSeeds: false,
-  tracker: { rtcConfig: { iceServers: [], bindAddress: '127.0.0.1' } }
+  // --bind any: every local address (a browser peer has only this machine's own address,
+  // never loopback); default loopback only.
+  tracker: { rtcConfig: arg('--bind') === 'any' ? { iceServers: [] } : { iceServers: [], bindAddress: arg('--bind') ?? '127.0.0.1' } }
 })
 client.on('error', err => { console.error(`${role}: ${err.message}`); process.exit(1) })
 

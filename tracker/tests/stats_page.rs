@@ -14,19 +14,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn chromium() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var("CHROMIUM").unwrap_or_default(),
-        "/usr/bin/chromium".into(),
-        "/usr/bin/chromium-browser".into(),
-    ];
-    candidates
-        .into_iter()
-        .filter(|c| !c.is_empty())
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
 /// Runs headless Chromium with the flags that work as root in a container, plus `args`.
 fn run_chromium(bin: &PathBuf, args: &[String]) -> String {
     let profile = temp_dir("chromium-profile");
