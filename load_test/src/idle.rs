@@ -157,7 +157,8 @@ async fn run_async(config: IdleConfig) -> anyhow::Result<IdleReport> {
     let host_port = config
         .url
         .split_once("://")
-        .map(|(_, rest)| rest.trim_end_matches('/'))
+        // The authority only: a path or a query (`/?token=…`) follows it.
+        .and_then(|(_, rest)| rest.split(['/', '?']).next())
         .context("URL needs a scheme")?;
     let target: SocketAddr = lookup_host(host_port)
         .await

@@ -216,15 +216,24 @@ async fn start_pool(j: &PoolArgs, super_seed: bool) -> anyhow::Result<Pool> {
     Ok(Pool::start(node, pool_config)?)
 }
 
+/// `RUST_LOG` (or quiet defaults), with tungstenite held at debug: at trace it logs whole
+/// upgrade requests, the token's header included.
+fn env_filter() -> tracing_subscriber::EnvFilter {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // The WebRTC stack warns about benign ICE and SCTP events during setup.
+        "warn,rtc=error,rtc_ice=error,rtc_dtls=error,rtc_sctp=error,webrtc=error".into()
+    });
+    match "tungstenite=debug".parse() {
+        Ok(ceiling) => filter.add_directive(ceiling),
+        Err(_) => filter,
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                // The WebRTC stack warns about benign ICE and SCTP events during setup.
-                "warn,rtc=error,rtc_ice=error,rtc_dtls=error,rtc_sctp=error,webrtc=error".into()
-            }),
-        )
+        // tungstenite logs whole upgrade requests (tokens included) at trace: never below debug.
+        .with_env_filter(env_filter())
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {

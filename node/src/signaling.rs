@@ -69,11 +69,16 @@ pub(crate) async fn run(
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp)))
                 if matches!(resp.status().as_u16(), 401 | 403) =>
             {
-                let body = resp
+                // Shown on a terminal: no control characters from the far side.
+                let body: String = resp
                     .body()
                     .as_deref()
                     .map(|b| String::from_utf8_lossy(b).trim().to_owned())
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(200)
+                    .collect();
                 let _ = tx.send(TrackerIn::Unauthorized(format!(
                     "{shown} refused the token (HTTP {}): {body}",
                     resp.status().as_u16()

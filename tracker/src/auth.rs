@@ -84,6 +84,9 @@ pub struct Grant {
     pub expires: u64,
     /// The key it was signed with.
     pub kid: Option<Arc<str>>,
+    /// A fingerprint of that key's material, so a reload that replaces a key under the same
+    /// id (or without one) still closes the connections it admitted.
+    pub key: u64,
     /// What identifies the token: its `jti`, else its signature.
     pub id: Arc<str>,
     /// Most connections open at once with this token.
@@ -361,12 +364,20 @@ impl Jwk {
         })?;
         let bytes = match alg {
             Algorithm::EdDSA => self.x.as_deref().and_then(unb64).filter(|x| x.len() == 32),
-            _ => self.k.as_deref().and_then(unb64).filter(|k| k.len() >= 32),
+            // RFC 7518 §3.2: a secret at least as long as the hash.
+            _ => self.k.as_deref().and_then(unb64).filter(|k| {
+                k.len()
+                    >= match alg {
+                        Algorithm::HS384 => 48,
+                        Algorithm::HS512 => 64,
+                        _ => 32,
+                    }
+            }),
         }
         .ok_or_else(|| {
             format!(
-                "key {:?}: `x` must be a 32-byte Ed25519 public key and `k` an HMAC secret of \
-                 32 bytes or more, base64url",
+                "key {:?}: `x` must be a 32-byte Ed25519 public key and `k` an HMAC secret at \
+                 least as long as its hash (32, 48 or 64 bytes), base64url",
                 self.kid
             )
         })?;
@@ -458,7 +469,9 @@ pub fn random_jti() -> String {
 /// What the tracker verifies tokens with: keys by id, the revocation list, the clock leeway.
 #[derive(Debug, Default)]
 pub struct Verifier {
-    keys: AHashMap<Option<String>, (Algorithm, DecodingKey)>,
+    keys: AHashMap<Option<String>, (Algorithm, DecodingKey, u64)>,
+    /// The keys' fingerprints, for re-checking open connections after a reload.
+    prints: AHashSet<u64>,
     revoked: AHashSet<String>,
     leeway: u64,
 }
@@ -488,7 +501,9 @@ impl Verifier {
         }
         let mut keys = AHashMap::new();
         for jwk in &set.keys {
-            if keys.insert(jwk.kid.clone(), jwk.decoding_key()?).is_some() {
+            let (alg, key) = jwk.decoding_key()?;
+            let print = fingerprint(alg, &key);
+            if keys.insert(jwk.kid.clone(), (alg, key, print)).is_some() {
                 return Err(format!("key id {:?} appears twice", jwk.kid));
             }
         }
@@ -496,6 +511,7 @@ impl Verifier {
             return Err("with several keys, each needs a `kid`".into());
         }
         Ok(Self {
+            prints: keys.values().map(|(_, _, print)| *print).collect(),
             keys,
             revoked: AHashSet::new(),
             leeway,
@@ -517,7 +533,7 @@ impl Verifier {
     pub fn verify(&self, token: &str, now: u64) -> Result<Grant, Refused> {
         install_provider();
         let header = jsonwebtoken::decode_header(token).map_err(|_| Refused::Malformed)?;
-        let (alg, key) = match self.keys.get(&header.kid) {
+        let (alg, key, print) = match self.keys.get(&header.kid) {
             Some(k) => k,
             // A token without a kid is tried against the only key, if there is one.
             None if header.kid.is_none() && self.keys.len() == 1 => {
@@ -565,6 +581,7 @@ impl Verifier {
             role: claims.role,
             expires: claims.exp.saturating_add(self.leeway),
             kid: header.kid.map(Into::into),
+            key: *print,
             id,
             peers: claims.peers,
         })
@@ -573,9 +590,7 @@ impl Verifier {
     /// Whether a connection admitted with `grant` would still be admitted under this key set
     /// and revocation list (used after a reload, to close revoked connections).
     pub fn still_admits(&self, grant: &Grant) -> bool {
-        let kid = grant.kid.as_deref().map(str::to_owned);
-        let key_held = self.keys.contains_key(&kid) || (kid.is_none() && self.keys.len() == 1);
-        key_held && !self.revoked.contains(&*grant.id)
+        self.prints.contains(&grant.key) && !self.revoked.contains(&*grant.id)
     }
 }
 
@@ -585,6 +600,8 @@ impl Verifier {
 #[derive(Debug)]
 pub(crate) struct SharedAuth {
     pub(crate) verifier: crate::access::Swap<Verifier>,
+    /// A hash of the files last loaded (0: none), so unchanged files are not swapped in.
+    pub(crate) loaded: std::sync::atomic::AtomicU64,
     in_use: std::sync::Mutex<AHashMap<Arc<str>, u32>>,
 }
 
@@ -592,6 +609,7 @@ impl SharedAuth {
     pub(crate) fn new(verifier: Verifier) -> Self {
         Self {
             verifier: crate::access::Swap::new(verifier),
+            loaded: std::sync::atomic::AtomicU64::new(0),
             in_use: std::sync::Mutex::new(AHashMap::new()),
         }
     }
@@ -633,6 +651,17 @@ impl SharedAuth {
     pub(crate) fn tracked(&self) -> usize {
         self.in_use.lock().map(|m| m.len()).unwrap_or_default()
     }
+}
+
+/// The first 8 bytes of SHA-256 over a key's algorithm and material.
+fn fingerprint(alg: Algorithm, key: &DecodingKey) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(format!("{alg:?}").as_bytes());
+    ctx.update(key.try_get_as_bytes().unwrap_or_default());
+    let digest = ctx.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_le_bytes(first)
 }
 
 fn parse_pools(pools: &[String]) -> Option<Pools> {
@@ -888,6 +917,20 @@ mod tests {
         };
         let token = confused.issue(&claims(&["*"], now + 60)).expect("issue");
         assert_eq!(verifier.verify(&token, now), Err(Refused::UnknownKey));
+        // The reverse: an EdDSA token under the id of an HMAC key.
+        let hs = Jwk::generate(KeyKind::Hs256, "k1").expect("keygen");
+        let hs_verifier = Verifier::from_set(
+            &JwkSet {
+                keys: vec![hs.public()],
+            },
+            0,
+        )
+        .expect("v");
+        let ed_token = SigningKey::from_jwk(&ed)
+            .expect("signer")
+            .issue(&claims(&["*"], now + 60))
+            .expect("issue");
+        assert_eq!(hs_verifier.verify(&ed_token, now), Err(Refused::UnknownKey));
         // alg "none" is not among jsonwebtoken's algorithms at all.
         let none = format!("{}.{}.", b64(br#"{"alg":"none","kid":"k1"}"#), b64(b"{}"));
         assert_eq!(verifier.verify(&none, now), Err(Refused::Malformed));
@@ -901,6 +944,7 @@ mod tests {
             role: Some(Role::Seed),
             expires: 0,
             kid: None,
+            key: 0,
             id: "x".into(),
             peers: None,
         };
@@ -923,6 +967,7 @@ mod tests {
             role: None,
             expires: 0,
             kid: None,
+            key: 0,
             id: "x".into(),
             peers: Some(2),
         };

@@ -149,8 +149,7 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
                         anyhow::bail!("{} already holds key id {kid:?}", path.display());
                     }
                     set.keys.push(jwk.public());
-                    std::fs::write(&path, serde_json::to_string_pretty(&set)? + "\n")
-                        .with_context(|| format!("writing {}", path.display()))?;
+                    replace_keys(&path, &(serde_json::to_string_pretty(&set)? + "\n"))?;
                     eprintln!(
                         "public key {kid:?} added to {} ({} keys; SIGHUP the tracker to load it)",
                         path.display(),
@@ -200,9 +199,34 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
                 role: role.map(|r| if r == "seed" { Role::Seed } else { Role::Fetch }),
                 peers,
             };
-            println!("{}", key.issue(&claims)?);
+            let token = key.issue(&claims)?;
+            // The id goes to stderr, for the operator's records (revocation names it).
+            eprintln!(
+                "token id (jti): {}",
+                claims.jti.as_deref().unwrap_or_default()
+            );
+            println!("{token}");
         }
     }
+    Ok(())
+}
+
+/// Replaces a key set file whole (a temporary file renamed over it, so a crash never leaves
+/// half a set), readable by its owner only: HMAC keys in it are secrets.
+fn replace_keys(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("jwks.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }
 

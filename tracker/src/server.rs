@@ -186,6 +186,16 @@ impl Shared {
         };
         let m = &self.metrics;
         let c = &self.config.auth;
+        // Unchanged files are not swapped in: a swap makes every socket worker re-check its
+        // connections.
+        let contents = |p: &std::path::Path| std::fs::read(p).unwrap_or_default();
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(&contents(keys), &mut hasher);
+        std::hash::Hash::hash(&c.revoked.as_deref().map(contents), &mut hasher);
+        let stamp = std::hash::Hasher::finish(&hasher);
+        if auth.loaded.swap(stamp, Ordering::Relaxed) == stamp {
+            return Ok(());
+        }
         match Verifier::load(keys, c.revoked.as_deref(), c.leeway_secs) {
             Ok(v) => {
                 m.auth_keys.store(v.key_count() as u64, Ordering::Relaxed);
@@ -196,6 +206,7 @@ impl Shared {
                 Ok(())
             }
             Err(e) => {
+                auth.loaded.store(0, Ordering::Relaxed);
                 m.auth_reload_failures.fetch_add(1, Ordering::Relaxed);
                 Err(e)
             }
@@ -254,14 +265,12 @@ impl Tracker {
             .transpose()
             .map_err(io_err("reading the metrics address"))?;
 
-        let auth = match &config.auth.keys {
-            Some(keys) => Some(SharedAuth::new(Verifier::load(
-                keys,
-                config.auth.revoked.as_deref(),
-                config.auth.leeway_secs,
-            )?)),
-            None => None,
-        };
+        // Loaded by the first reload below.
+        let auth = config
+            .auth
+            .keys
+            .as_ref()
+            .map(|_| SharedAuth::new(Verifier::default()));
         let shared = Arc::new(Shared {
             metrics: Metrics::new(config.workers.socket_workers, config.workers.swarm_workers),
             access: SharedAccessList::new(AccessList::default()),

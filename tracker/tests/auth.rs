@@ -244,6 +244,25 @@ async fn a_token_limits_announces_answers_and_scrapes_to_its_pools_and_role() {
         json!(2)
     );
 
+    // A fetch-only token cannot pass for a seeder with `completed` either, and may always
+    // leave (a finished fetcher's `stopped` carries left 0).
+    let completed = f
+        .announce(
+            &mine_id,
+            &num_id(b'f', 1),
+            json!({"left": 5, "event": "completed"}),
+        )
+        .await;
+    assert!(completed["failure reason"].is_string(), "{completed}");
+    let left = f
+        .announce(
+            &mine_id,
+            &num_id(b'f', 1),
+            json!({"left": 0, "event": "stopped"}),
+        )
+        .await;
+    assert!(left["failure reason"].is_null(), "{left}");
+
     // A token for every pool.
     let any = Claims {
         pools: vec!["*".into()],
@@ -262,7 +281,7 @@ async fn a_token_limits_announces_answers_and_scrapes_to_its_pools_and_role() {
     );
     assert_eq!(
         sample(&text, "tidepool_errors_total{kind=\"token_role\"}"),
-        2
+        3
     );
     tracker.shutdown();
 }
@@ -354,6 +373,12 @@ async fn reloads_revoke_tokens_and_rotate_keys_closing_connections_they_no_longe
             .await["incomplete"]
             .is_number()
     );
+    // A key replaced under the same id: what the old material admitted is closed.
+    let k2_again = Jwk::generate(KeyKind::EdDsa, "k2").expect("keygen");
+    write_keys(&dir, &[&k2_again]);
+    tracker.reload_auth().expect("reload");
+    assert_eq!(again.closed().await, Some(1008));
+    assert_eq!(n.closed().await, Some(1008));
     let (_, _, text) = http_get(&tracker, "/metrics");
     assert_eq!(sample(&text, "tidepool_auth_reload_failures_total"), 1);
     assert_eq!(
@@ -361,7 +386,7 @@ async fn reloads_revoke_tokens_and_rotate_keys_closing_connections_they_no_longe
             &text,
             "tidepool_connections_closed_total{reason=\"token_revoked\"}"
         ),
-        2
+        4
     );
     assert_eq!(
         sample(&text, "tidepool_auth_refusals_total{reason=\"revoked\"}"),
@@ -371,7 +396,7 @@ async fn reloads_revoke_tokens_and_rotate_keys_closing_connections_they_no_longe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_limit_refuses_connections_past_it_and_a_close_frees_a_place() {
+async fn a_peer_limit_refuses_connections_past_it_with_429_and_a_close_frees_a_place() {
     let dir = temp_dir("auth-peers");
     let ed = Jwk::generate(KeyKind::EdDsa, "ed").expect("keygen");
     let tracker = start_private(&dir, &[&ed]);
@@ -382,7 +407,8 @@ async fn a_peer_limit_refuses_connections_past_it_and_a_close_frees_a_place() {
     let url = format!("{}/?token={token}", tracker.url());
     let a = Client::connect(&url).await;
     let _b = Client::connect(&url).await;
-    assert_eq!(refused_status(&url, &[]).await, 401);
+    // Temporary, so 429 (clients retry it), not the final 401.
+    assert_eq!(refused_status(&url, &[]).await, 429);
     drop(a);
     // The close reaches the tracker asynchronously: retry until the place is free.
     let deadline = tokio::time::Instant::now() + WAIT;

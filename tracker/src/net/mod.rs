@@ -364,8 +364,6 @@ impl EventLoop {
         self.mark_dirty(slot);
     }
 
-    /// After the upgrade: resolves a proxied client's address and applies the per-address
-    /// limit to it. False if the connection was refused and closed.
     /// Checks the token of an upgrade request when tokens are required, counting the outcome;
     /// the grant goes with the connection.
     fn admit(&mut self, slot: usize, token: Option<String>) -> Result<(), Refused> {
@@ -424,6 +422,8 @@ impl EventLoop {
         }
     }
 
+    /// After the upgrade: resolves a proxied client's address and applies the per-address
+    /// limit to it. False if the connection was refused and closed.
     fn on_open(&mut self, slot: usize, upgrade: ws::Upgrade) -> bool {
         let shared = self.worker.shared.clone();
         let Some(conn) = self.conns.get_mut(slot) else {
@@ -547,8 +547,15 @@ impl EventLoop {
                             let Some(conn) = self.conns.get_mut(slot) else {
                                 return Ok(false);
                             };
+                            // A full peer limit is temporary (another connection with the
+                            // token may close): 429, which clients retry; the rest are final.
+                            let status = if refused == Refused::PeerLimit {
+                                429
+                            } else {
+                                401
+                            };
                             let refusal = ws::Refusal {
-                                status: 401,
+                                status,
                                 reason: refused.message(),
                             };
                             let out = conn.link.output(&mut self.pool);

@@ -16,6 +16,7 @@ use super::connection::{
 use crate::auth::{Denied, Pools};
 use crate::metrics::{ErrorKind, InKind, OutKind, bump};
 use crate::swarm::{Announce, AnswerPart, Request};
+use tidepool_protocol::tracker::AnnounceEvent;
 
 /// The reply to a frame over the connection's rate limit (sent without reading the frame).
 const RATE_LIMITED: &str = r#"{"failure reason":"rate limit exceeded: slow down"}"#;
@@ -126,11 +127,12 @@ impl EventLoop {
     fn forward_announce(&mut self, slot: usize, mut a: Announce, now: Instant) {
         let denied = self.conns.get(slot).and_then(|c| {
             let grant = c.grant.as_ref()?;
-            // An answer names the offerer's swarm but joins nothing: only the pool counts.
-            let seeder = if a.answer.is_some() {
-                None
-            } else {
-                Some(a.seeder)
+            // An answer names the offerer's swarm but joins nothing, and leaving is always
+            // allowed: only the pool counts. Otherwise the role is checked the way the swarm
+            // counts seeders (`left` 0, or `completed`).
+            let seeder = match (&a.answer, a.event) {
+                (Some(_), _) | (None, AnnounceEvent::Stopped) => None,
+                (None, event) => Some(a.seeder || event == AnnounceEvent::Completed),
             };
             match seeder {
                 Some(seeder) => grant.check_announce(&a.info_hash, seeder).err(),

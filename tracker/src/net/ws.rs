@@ -76,6 +76,7 @@ impl Refusal {
         let (text, extra) = match self.status {
             426 => ("Upgrade Required", "Sec-WebSocket-Version: 13\r\n"),
             401 => ("Unauthorized", "WWW-Authenticate: Bearer\r\n"),
+            429 => ("Too Many Requests", "Retry-After: 5\r\n"),
             431 => ("Request Header Fields Too Large", ""),
             _ => ("Bad Request", ""),
         };
