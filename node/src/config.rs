@@ -16,6 +16,16 @@ pub struct IceServer {
     pub credential: String,
 }
 
+/// A bearer token; its `Debug` hides it, so a logged config never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(pub String);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(…)")
+    }
+}
+
 /// Everything a [`Node`](crate::Node) needs.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -23,7 +33,7 @@ pub struct NodeConfig {
     pub tracker_url: String,
     /// Bearer token for a private pool, sent in the upgrade's `Authorization` header (never
     /// logged). A tracker that refuses it ends the node's tracker connection for good.
-    pub token: Option<String>,
+    pub token: Option<BearerToken>,
     /// The pool: a swarm on the tracker. [`NodeConfig::new`] hashes a pool name into it.
     pub info_hash: InfoHash,
     /// This node's id in the pool (random by default, `-TP0001-` then 12 random characters).
@@ -164,6 +174,15 @@ pub fn random_peer_id() -> PeerId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_logged_config_never_shows_its_token() {
+        let mut c = NodeConfig::new("ws://127.0.0.1:1", "p");
+        c.token = Some(BearerToken("secret.jwt.value".into()));
+        let shown = format!("{c:?}");
+        assert!(shown.contains("BearerToken(…)"), "{shown}");
+        assert!(!shown.contains("secret.jwt.value"), "{shown}");
+    }
 
     #[test]
     fn pool_names_hash_stably_and_peer_ids_are_azureus_style() {

@@ -178,7 +178,7 @@ fn short(p: &PeerId) -> String {
 
 fn node_config(j: &PoolArgs) -> NodeConfig {
     let mut config = NodeConfig::new(j.tracker.clone(), &j.pool);
-    config.token = j.token.clone();
+    config.token = j.token.clone().map(tidepool_node::config::BearerToken);
     if j.loopback {
         config = config.for_loopback();
     }

@@ -162,7 +162,7 @@ impl Node {
         let c = &inner.config;
         tokio::spawn(signaling::run(
             c.tracker_url.clone(),
-            c.token.clone(),
+            c.token.as_ref().map(|t| t.0.clone()),
             c.reconnect_min,
             c.reconnect_max,
             out_rx,
