@@ -14,6 +14,9 @@
 //! - `channel`: the count- and byte-bounded channels between workers. `liveness`: when each
 //!   connection was last heard from (peer id takeover). `full_scrape`: the shared snapshot.
 //! - [`access`]: allow/deny lists of info hashes, swapped whole on reload.
+//! - [`auth`]: signed tokens for private pools — keys, claims, verification, issuing.
+//! - [`cluster`]: cluster membership and shard ownership, sans-IO (virtual shards, heartbeats,
+//!   rendezvous hashing); not yet wired to a bus.
 //! - `tls`: certificate loading and hot reload. `proxy`: client addresses behind proxies and
 //!   the per-address limit. `metrics`: counters; `stats`: the `/metrics` and `/stats` HTTP
 //!   endpoint.
@@ -21,6 +24,7 @@
 pub mod access;
 pub mod auth;
 mod channel;
+pub mod cluster;
 pub mod config;
 mod full_scrape;
 mod liveness;
