@@ -24,9 +24,12 @@ use tokio_tungstenite::tungstenite::Message;
 #[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrackerLoadConfig {
-    /// Tracker URL (ws:// or wss://).
-    #[arg(long, default_value = "ws://127.0.0.1:8000")]
-    pub url: String,
+    /// Tracker URL (ws:// or wss://). Repeat it to spread the connections over several
+    /// tracker instances (connection i uses URL i mod n); offers and answers that cross from
+    /// one URL's connections to another's are counted apart.
+    #[arg(long = "url", default_value = "ws://127.0.0.1:8000")]
+    #[serde(rename = "url", deserialize_with = "one_or_many")]
+    pub urls: Vec<String>,
     /// WebSocket connections to open.
     #[arg(long, default_value_t = 256)]
     pub connections: usize,
@@ -79,7 +82,7 @@ pub struct TrackerLoadConfig {
 impl Default for TrackerLoadConfig {
     fn default() -> Self {
         Self {
-            url: "ws://127.0.0.1:8000".into(),
+            urls: vec!["ws://127.0.0.1:8000".into()],
             connections: 256,
             workers: 1,
             info_hashes: 1000,
@@ -109,6 +112,8 @@ struct Counters {
     offers_expected: AtomicU64,
     offers_received: AtomicU64,
     answers_received: AtomicU64,
+    offers_crossed: AtomicU64,
+    answers_crossed: AtomicU64,
     scrape_responses: AtomicU64,
     errors: AtomicU64,
     connect_failures: AtomicU64,
@@ -126,6 +131,8 @@ impl Counters {
             offers_expected: g(&self.offers_expected),
             offers_received: g(&self.offers_received),
             answers_received: g(&self.answers_received),
+            offers_crossed: g(&self.offers_crossed),
+            answers_crossed: g(&self.answers_crossed),
             scrape_responses: g(&self.scrape_responses),
             errors: g(&self.errors),
             connect_failures: g(&self.connect_failures),
@@ -151,6 +158,10 @@ pub struct Totals {
     pub offers_received: u64,
     /// Answers received.
     pub answers_received: u64,
+    /// Offers received from a connection on another tracker URL (several `--url`s only).
+    pub offers_crossed: u64,
+    /// Answers received from a connection on another tracker URL.
+    pub answers_crossed: u64,
     /// Scrape responses received.
     pub scrape_responses: u64,
     /// Failure replies received.
@@ -185,6 +196,8 @@ impl Totals {
             offers_expected: self.offers_expected - o.offers_expected,
             offers_received: self.offers_received - o.offers_received,
             answers_received: self.answers_received - o.answers_received,
+            offers_crossed: self.offers_crossed - o.offers_crossed,
+            answers_crossed: self.answers_crossed - o.answers_crossed,
             scrape_responses: self.scrape_responses - o.scrape_responses,
             errors: self.errors - o.errors,
             connect_failures: self.connect_failures - o.connect_failures,
@@ -298,14 +311,15 @@ async fn run_async(config: TrackerLoadConfig) -> anyhow::Result<TrackerLoadResul
     let config = Arc::new(config);
     let counters = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let connector = if config.url.starts_with("wss://") {
+    anyhow::ensure!(!config.urls.is_empty(), "at least one --url");
+    let connector = if config.urls.iter().any(|u| u.starts_with("wss://")) {
         Some(Connector::Rustls(Arc::new(crate::tls::client_config(
             config.insecure,
         )?)))
     } else {
         None
     };
-    let answers_acked = probe_answer_acks(&config.url, connector.clone())
+    let answers_acked = probe_answer_acks(&config.urls[0], connector.clone())
         .await
         .context("probing the tracker (announce, offer, answer)")?;
     let started = Instant::now();
@@ -401,7 +415,10 @@ fn print_summary(r: &TrackerLoadResult) {
     let t = &r.totals;
     println!(
         "tidepool-load-test tracker: {} for {:.1} s ({} connections, {} swarms)",
-        r.config.url, r.seconds, r.config.connections, r.config.info_hashes
+        r.config.urls.join(" "),
+        r.seconds,
+        r.config.connections,
+        r.config.info_hashes
     );
     println!(
         "  requests   {:>10} ({:.0}/s): announces {}, answers {}, scrapes {}",
@@ -429,6 +446,12 @@ fn print_summary(r: &TrackerLoadResult) {
         "  answers    sent {} delivered {} lost {}",
         t.answers_sent, t.answers_received, r.answers_lost
     );
+    if r.config.urls.len() > 1 {
+        println!(
+            "  crossing   offers {} and answers {} came from another URL's connections",
+            t.offers_crossed, t.answers_crossed
+        );
+    }
     println!(
         "  latency    announce→response p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, max {} µs ({} samples)",
         r.latency.p50_us,
@@ -481,8 +504,8 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
     let (connector, drain_end, answers_acked) = (connector.clone(), *drain_end, *answers_acked);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
         .unwrap_or_else(|_| unreachable!("valid bounds"));
-    let connect =
-        tokio_tungstenite::connect_async_tls_with_config(&config.url, None, true, connector);
+    let url = &config.urls[index % config.urls.len()];
+    let connect = tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector);
     let mut ws: Ws = match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok((ws, _))) => ws,
         _ => {
@@ -577,6 +600,15 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
             };
             let kind = decoder.decode_server(&mut frame, |m| classify(m.ok().as_ref()));
             count(&kind, counters);
+            match &kind {
+                Kind::Offer(from, ..) if crossed(from, index, config.urls.len()) => {
+                    counters.offers_crossed.fetch_add(1, Ordering::Relaxed);
+                }
+                Kind::Answer(from) if crossed(from, index, config.urls.len()) => {
+                    counters.answers_crossed.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
             match kind {
                 Kind::Offer(from, offer_id, offer_hash)
                     if rng.f64() < config.answer_fraction && !stop.load(Ordering::Relaxed) =>
@@ -643,6 +675,30 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
     hist
 }
 
+/// The connection index a tester peer id encodes (`id_bytes(b'-', index)`).
+fn index_of(peer: &PeerId) -> Option<usize> {
+    std::str::from_utf8(&peer.0[1..]).ok()?.parse().ok()
+}
+
+/// Whether a message from `from` to connection `me` crossed between tracker URLs.
+fn crossed(from: &PeerId, me: usize, urls: usize) -> bool {
+    urls > 1 && index_of(from).is_some_and(|i| i % urls != me % urls)
+}
+
+/// A TOML `url` may be one string or a list.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(u) => vec![u],
+        OneOrMany::Many(us) => us,
+    })
+}
+
 fn id_bytes(prefix: u8, n: u64) -> [u8; 20] {
     let mut b = [0u8; 20];
     b.copy_from_slice(id20(prefix, n).as_bytes());
@@ -694,7 +750,8 @@ enum Kind {
     AnnounceResponse(u64),
     /// Offerer, offer id and swarm, to answer it.
     Offer(PeerId, OfferId, InfoHash),
-    Answer,
+    /// From whom.
+    Answer(PeerId),
     Scrape,
     Failure,
     Other,
@@ -704,7 +761,7 @@ fn classify(m: Option<&ServerMessage<'_>>) -> Kind {
     match m {
         Some(ServerMessage::Announce(r)) => Kind::AnnounceResponse(r.complete + r.incomplete),
         Some(ServerMessage::Offer(o)) => Kind::Offer(o.peer_id, o.offer_id, o.info_hash),
-        Some(ServerMessage::Answer(_)) => Kind::Answer,
+        Some(ServerMessage::Answer(a)) => Kind::Answer(a.peer_id),
         Some(ServerMessage::Scrape(_)) => Kind::Scrape,
         Some(ServerMessage::Error(_)) => Kind::Failure,
         None => Kind::Other,
@@ -715,7 +772,7 @@ fn count(kind: &Kind, c: &Counters) {
     let counter = match kind {
         Kind::AnnounceResponse(_) => &c.announce_responses,
         Kind::Offer(..) => &c.offers_received,
-        Kind::Answer => &c.answers_received,
+        Kind::Answer(_) => &c.answers_received,
         Kind::Scrape => &c.scrape_responses,
         Kind::Failure => &c.errors,
         Kind::Other => return,
@@ -758,6 +815,19 @@ mod tests {
         let uniform = Popularity::new(10, 0.0);
         let picks: Vec<usize> = (0..10_000).map(|_| uniform.pick(&mut rng)).collect();
         assert!(picks.iter().filter(|&&i| i == 0).count() < 1300);
+    }
+
+    #[test]
+    fn a_config_file_names_one_url_or_several_and_peer_ids_give_back_their_connection() {
+        let one: TrackerLoadConfig = toml::from_str("url = \"ws://a:1\"").expect("toml");
+        assert_eq!(one.urls, vec!["ws://a:1"]);
+        let two: TrackerLoadConfig =
+            toml::from_str("url = [\"ws://a:1\", \"ws://b:2\"]").expect("toml");
+        assert_eq!(two.urls.len(), 2);
+        let peer = PeerId(id_bytes(b'-', 12345));
+        assert_eq!(index_of(&peer), Some(12345));
+        assert!(crossed(&peer, 12344, 2) && !crossed(&peer, 12347, 2));
+        assert!(!crossed(&peer, 12344, 1));
     }
 
     #[test]

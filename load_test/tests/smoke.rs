@@ -20,7 +20,7 @@ fn tracker(tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> Tracker {
 
 fn smoke(url: String, insecure: bool, json_out: Option<std::path::PathBuf>) -> TrackerLoadResult {
     run(TrackerLoadConfig {
-        url,
+        urls: vec![url],
         connections: 32,
         info_hashes: 20,
         duration: 2,
@@ -88,7 +88,7 @@ fn wss_smoke_load_loses_no_offer_or_answer() {
 fn paced_load_offers_the_configured_rate() {
     let t = tracker(None);
     let r = run(TrackerLoadConfig {
-        url: t.url(),
+        urls: vec![t.url()],
         connections: 20,
         info_hashes: 10,
         duration: 2,
@@ -103,5 +103,41 @@ fn paced_load_offers_the_configured_rate() {
     let sent = r.totals.announces_sent;
     assert!((500..=900).contains(&sent), "paced to ~800, sent {sent}");
     assert_eq!(r.offers_lost + r.answers_lost, 0);
+    t.shutdown();
+}
+
+#[test]
+fn connections_spread_over_several_urls_and_count_what_crosses_between_them() {
+    // One tracker behind two URLs (two socket workers share it): every swarm holds
+    // connections of both, so offers and answers cross between the URLs' halves, and nothing
+    // is lost. Against separate instances sharing swarms (a cluster) the same counts say
+    // how much traffic the bus carried.
+    let t = tracker(None);
+    let r = run(TrackerLoadConfig {
+        urls: vec![t.url(), format!("{}/second", t.url())],
+        connections: 32,
+        info_hashes: 4,
+        duration: 2,
+        drain: 1,
+        quiet: true,
+        ..TrackerLoadConfig::default()
+    })
+    .expect("load runs");
+    assert_nothing_lost(&r);
+    let c = &r.totals;
+    assert!(
+        c.offers_crossed > 0 && c.offers_crossed < c.offers_received,
+        "{c:?}"
+    );
+    assert!(
+        c.answers_crossed > 0 && c.answers_crossed < c.answers_received,
+        "{c:?}"
+    );
+    // One URL: nothing counts as crossing.
+    let single = smoke(t.url(), false, None);
+    assert_eq!(
+        single.totals.offers_crossed + single.totals.answers_crossed,
+        0
+    );
     t.shutdown();
 }
