@@ -11,20 +11,11 @@ use std::time::{Duration, Instant};
 use common::pool::*;
 use common::*;
 use tidepool_protocol::InfoHash;
-use tidepool_tracker::auth::{Claims, Jwk, JwkSet, KeyKind, SigningKey, random_jti, unix_now};
+use tidepool_tracker::auth::{Claims, Jwk, JwkSet, KeyKind, SigningKey};
 
 fn token(key: &SigningKey, pool: &str) -> String {
-    key.issue(&Claims {
-        exp: unix_now() + 600,
-        nbf: None,
-        iat: None,
-        jti: Some(random_jti()),
-        sub: Some("test".into()),
-        pools: vec![InfoHash::of_pool(pool).to_hex()],
-        role: None,
-        peers: None,
-    })
-    .expect("issue")
+    key.issue(&Claims::new(vec![InfoHash::of_pool(pool).to_hex()], 600))
+        .expect("issue")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,10 +26,7 @@ async fn cli_nodes_with_tokens_move_a_file_and_a_missing_or_forged_token_ends_ge
     let dir = temp("private");
     let jwk = Jwk::generate(KeyKind::EdDsa, "k1").expect("keygen");
     let keys = dir.join("keys.jwks");
-    let set = JwkSet {
-        keys: vec![jwk.public()],
-    };
-    std::fs::write(&keys, serde_json::to_string(&set).expect("json")).expect("write");
+    JwkSet::public(&[&jwk]).save(&keys).expect("write keys");
     let mut cfg = tidepool_tracker::Config::default();
     cfg.network.listen = "127.0.0.1:0".parse().expect("address");
     cfg.auth.keys = Some(keys);

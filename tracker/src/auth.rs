@@ -64,6 +64,24 @@ pub struct Claims {
     pub peers: Option<u32>,
 }
 
+impl Claims {
+    /// Claims for `pools` (40-hex info hashes, or `"*"`), valid from now for `ttl_secs`, with
+    /// a random `jti` and no role or peer limit.
+    pub fn new(pools: Vec<String>, ttl_secs: u64) -> Self {
+        let now = unix_now();
+        Self {
+            exp: now.saturating_add(ttl_secs),
+            nbf: None,
+            iat: Some(now),
+            jti: Some(random_jti()),
+            sub: None,
+            pools,
+            role: None,
+            peers: None,
+        }
+    }
+}
+
 /// Which pools a grant admits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pools {
@@ -212,8 +230,8 @@ impl Refused {
 /// Why a key set, revocation list or signing key could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
     Read {
         /// The file.
         path: String,
@@ -277,6 +295,40 @@ pub struct Jwk {
 pub struct JwkSet {
     /// The keys.
     pub keys: Vec<Jwk>,
+}
+
+impl JwkSet {
+    /// The public parts of `keys`.
+    pub fn public(keys: &[&Jwk]) -> Self {
+        Self {
+            keys: keys.iter().map(|k| k.public()).collect(),
+        }
+    }
+
+    /// Writes the set to `path` whole (a temporary file renamed over it, so a crash never
+    /// leaves half a set), readable by its owner only: HMAC keys in it are secrets.
+    pub fn save(&self, path: &Path) -> Result<(), KeyError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let fail = |e: std::io::Error| KeyError::Read {
+            path: path.display().to_string(),
+            source: e,
+        };
+        let text = serde_json::to_string_pretty(self).map_err(|e| invalid(path, e.to_string()))?;
+        let tmp = path.with_extension("jwks.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(fail)?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.write_all(b"\n"))
+            .and_then(|()| file.sync_all())
+            .map_err(fail)?;
+        std::fs::rename(&tmp, path).map_err(fail)
+    }
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -934,6 +986,23 @@ mod tests {
         // alg "none" is not among jsonwebtoken's algorithms at all.
         let none = format!("{}.{}.", b64(br#"{"alg":"none","kid":"k1"}"#), b64(b"{}"));
         assert_eq!(verifier.verify(&none, now), Err(Refused::Malformed));
+    }
+
+    #[test]
+    fn a_token_listing_more_pools_than_the_bound_is_refused() {
+        let now = unix_now();
+        let (signer, verifier) = pair(KeyKind::Hs256, "k1");
+        let many: Vec<String> = (0..=MAX_POOLS as u32)
+            .map(|i| {
+                InfoHash::from(i.to_le_bytes().repeat(5).try_into().unwrap_or([0; 20])).to_hex()
+            })
+            .collect();
+        let token = signer.issue(&Claims::new(many, 60)).expect("issue");
+        assert_eq!(verifier.verify(&token, now), Err(Refused::Malformed));
+        let fits = signer
+            .issue(&Claims::new(vec![POOL.into(); MAX_POOLS], 60))
+            .expect("issue");
+        assert!(verifier.verify(&fits, now).is_ok());
     }
 
     #[test]

@@ -149,7 +149,7 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
                         anyhow::bail!("{} already holds key id {kid:?}", path.display());
                     }
                     set.keys.push(jwk.public());
-                    replace_keys(&path, &(serde_json::to_string_pretty(&set)? + "\n"))?;
+                    set.save(&path)?;
                     eprintln!(
                         "public key {kid:?} added to {} ({} keys; SIGHUP the tracker to load it)",
                         path.display(),
@@ -158,9 +158,7 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
                 }
                 None => println!(
                     "{}",
-                    serde_json::to_string_pretty(&JwkSet {
-                        keys: vec![jwk.public()]
-                    })?
+                    serde_json::to_string_pretty(&JwkSet::public(&[&jwk]))?
                 ),
             }
         }
@@ -188,16 +186,11 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
             if pools.is_empty() {
                 anyhow::bail!("name the pools: --pool NAME, --info-hash HEX or --any-pool");
             }
-            let now = tidepool_tracker::auth::unix_now();
             let claims = Claims {
-                exp: now.saturating_add(parse_duration(&ttl)?),
-                nbf: None,
-                iat: Some(now),
-                jti: Some(tidepool_tracker::auth::random_jti()),
                 sub,
-                pools,
                 role: role.map(|r| if r == "seed" { Role::Seed } else { Role::Fetch }),
                 peers,
+                ..Claims::new(pools, parse_duration(&ttl)?)
             };
             let token = key.issue(&claims)?;
             // The id goes to stderr, for the operator's records (revocation names it).
@@ -208,25 +201,6 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
             println!("{token}");
         }
     }
-    Ok(())
-}
-
-/// Replaces a key set file whole (a temporary file renamed over it, so a crash never leaves
-/// half a set), readable by its owner only: HMAC keys in it are secrets.
-fn replace_keys(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("jwks.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }
 

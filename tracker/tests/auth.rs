@@ -23,25 +23,13 @@ fn pool(name: &str) -> (InfoHash, String) {
 }
 
 fn claims(pools: &[InfoHash], ttl: u64) -> Claims {
-    Claims {
-        exp: unix_now() + ttl,
-        nbf: None,
-        iat: Some(unix_now()),
-        jti: Some(tidepool_tracker::auth::random_jti()),
-        sub: None,
-        pools: pools.iter().map(InfoHash::to_hex).collect(),
-        role: None,
-        peers: None,
-    }
+    Claims::new(pools.iter().map(InfoHash::to_hex).collect(), ttl)
 }
 
 /// Writes a key set of `keys` (public parts) and returns the file.
 fn write_keys(dir: &std::path::Path, keys: &[&Jwk]) -> std::path::PathBuf {
-    let set = JwkSet {
-        keys: keys.iter().map(|k| k.public()).collect(),
-    };
     let path = dir.join("keys.jwks");
-    std::fs::write(&path, serde_json::to_string(&set).expect("json")).expect("write keys");
+    JwkSet::public(keys).save(&path).expect("write keys");
     path
 }
 
@@ -264,10 +252,7 @@ async fn a_token_limits_announces_answers_and_scrapes_to_its_pools_and_role() {
     assert!(left["failure reason"].is_null(), "{left}");
 
     // A token for every pool.
-    let any = Claims {
-        pools: vec!["*".into()],
-        ..claims(&[], 60)
-    };
+    let any = Claims::new(vec!["*".into()], 60);
     let mut all =
         Client::connect(&format!("{url}/?token={}", key.issue(&any).expect("issue"))).await;
     assert_eq!(

@@ -297,31 +297,19 @@ fn a_browser_page_seeds_to_a_node_webtorrent_process() {
 
 #[test]
 fn in_a_private_pool_a_browser_with_a_token_gets_the_file_and_one_without_is_refused() {
-    use tidepool_tracker::auth::{Claims, Jwk, JwkSet, KeyKind, SigningKey, random_jti, unix_now};
+    use tidepool_tracker::auth::{Claims, Jwk, JwkSet, KeyKind, SigningKey};
     let Some((bin, _one)) = browser() else { return };
     let dir = temp_dir("browser-private");
     let jwk = Jwk::generate(KeyKind::EdDsa, "k1").expect("keygen");
     let keys = dir.join("keys.jwks");
-    let set = JwkSet {
-        keys: vec![jwk.public()],
-    };
-    std::fs::write(&keys, serde_json::to_string(&set).expect("json")).expect("write");
+    JwkSet::public(&[&jwk]).save(&keys).expect("write keys");
     let mut cfg = config_with_metrics();
     cfg.auth.keys = Some(keys);
     let tracker = start(cfg);
     // Browsers cannot set headers on a WebSocket: the token rides in the announce URL.
     let token = SigningKey::from_jwk(&jwk)
         .expect("signing key")
-        .issue(&Claims {
-            exp: unix_now() + 600,
-            nbf: None,
-            iat: None,
-            jti: Some(random_jti()),
-            sub: None,
-            pools: vec!["*".into()],
-            role: None,
-            peers: None,
-        })
+        .issue(&Claims::new(vec!["*".into()], 600))
         .expect("token");
     let with_token = format!("{}/?token={token}", tracker.url());
     let (server, rx) = page_server();
