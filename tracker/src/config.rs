@@ -29,6 +29,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The `/metrics`, `/stats` and `/stats.json` endpoint.
     pub metrics: MetricsConfig,
+    /// Several instances sharing swarms through NATS (off by default: one process).
+    pub cluster: ClusterConfig,
 }
 
 /// Sockets, TLS and WebSocket limits.
@@ -244,6 +246,57 @@ impl Default for AuthConfig {
     }
 }
 
+/// Several tracker instances sharing swarms through a NATS bus (core NATS, no JetStream).
+/// Info hashes fall into `shards` virtual shards; each shard is owned by one live instance
+/// (rendezvous hashing over the members heard on the bus), and requests for a shard another
+/// instance owns travel there over NATS, replies coming back the same way. Without
+/// `nats_url` the tracker is one process and nothing here costs anything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The NATS server (or a comma-separated list of a NATS cluster's servers); or
+    /// `--cluster URL`. Unset: no cluster.
+    /// Example: "nats://127.0.0.1:4222"
+    pub nats_url: Option<String>,
+    /// This instance's name on `/stats` and in metric labels (default: the host name and
+    /// the listen port). Instances are told apart by a random id drawn at every start.
+    /// Example: "tracker-a"
+    pub name: Option<String>,
+    /// Subject prefix on the bus: clusters sharing one NATS need different prefixes.
+    pub subject_prefix: String,
+    /// Virtual shards of the info-hash space. Every instance of a cluster must use the same
+    /// number (an instance announcing another is ignored, and counted).
+    pub shards: u32,
+    /// Milliseconds between heartbeats; a member missing `heartbeats_missed` of them in a
+    /// row is taken for dead: its shards move and its peers are purged.
+    pub heartbeat_interval_ms: u64,
+    /// Heartbeats a member may miss before it counts as dead.
+    pub heartbeats_missed: u32,
+    /// Most members tracked (a bound against forged heartbeats).
+    pub max_members: usize,
+    /// Milliseconds a cross-instance request for `/stats` waits for each member.
+    pub request_timeout_ms: u64,
+    /// Largest batch published at once, in bytes (below the NATS server's `max_payload`,
+    /// 1 MiB by default).
+    pub max_batch_bytes: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: None,
+            name: None,
+            subject_prefix: "tidepool".into(),
+            shards: 1024,
+            heartbeat_interval_ms: 500,
+            heartbeats_missed: 4,
+            max_members: 256,
+            request_timeout_ms: 1000,
+            max_batch_bytes: 512 * 1024,
+        }
+    }
+}
+
 /// The `/metrics`, `/stats` and `/stats.json` endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -302,6 +355,32 @@ impl Config {
         }
         if self.auth.revoked.is_some() && self.auth.keys.is_none() {
             return fail("auth.revoked needs auth.keys");
+        }
+        let c = &self.cluster;
+        if c.nats_url.is_some() {
+            if c.shards == 0 || c.shards > 1 << 16 {
+                return fail("cluster.shards must be 1..=65536");
+            }
+            if c.heartbeat_interval_ms == 0 || c.heartbeats_missed < 2 {
+                return fail(
+                    "cluster.heartbeat_interval_ms must be positive and cluster.heartbeats_missed at least 2",
+                );
+            }
+            if c.subject_prefix.is_empty()
+                || !c
+                    .subject_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+                || c.subject_prefix.starts_with('.')
+                || c.subject_prefix.ends_with('.')
+            {
+                return fail("cluster.subject_prefix must be letters, digits, '_', '-' or '.'");
+            }
+            if c.max_batch_bytes < 2 * n.max_message_size.min(1 << 20) + 1024 {
+                return fail(
+                    "cluster.max_batch_bytes must hold two max-size messages (network.max_message_size)",
+                );
+            }
         }
         if self.auth.leeway_secs > 600 {
             return fail("auth.leeway_secs must be at most 600");

@@ -90,6 +90,7 @@ mod tests {
         let t = LivenessTable::new(2, 4);
         let t0 = Instant::now();
         let a = ConnId {
+            instance: 0,
             worker: 1,
             slot: 3,
             serial: 7,

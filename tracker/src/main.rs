@@ -44,6 +44,12 @@ struct Cli {
     /// Serve /metrics, /stats and /stats.json on this address (off by default).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Join a cluster through this NATS server (`[cluster] nats_url`), e.g. nats://127.0.0.1:4222.
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// This instance's name in the cluster (`[cluster] name`).
+    #[arg(long, value_name = "NAME", requires = "cluster")]
+    cluster_name: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -259,6 +265,12 @@ fn main() -> anyhow::Result<()> {
     }
     if cli.metrics.is_some() {
         config.metrics.listen = cli.metrics;
+    }
+    if cli.cluster.is_some() {
+        config.cluster.nats_url = cli.cluster;
+    }
+    if cli.cluster_name.is_some() {
+        config.cluster.name = cli.cluster_name;
     }
     config.validate()?;
     if cli.print_config {

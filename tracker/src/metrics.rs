@@ -4,7 +4,6 @@
 //! Each worker owns its own block of counters (one writer per counter), so bumping one is a
 //! plain load and store, not a locked read-modify-write; readers sum across workers.
 
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
@@ -302,17 +301,19 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition format, version 0.0.4.
-    pub(crate) fn render_prometheus(&self) -> String {
-        let mut out = String::with_capacity(8 * 1024);
+    /// Every metric family with its samples, read from the counters now (for the exposition,
+    /// which `prometheus-client` encodes: see [`Exposition`]).
+    pub(crate) fn families(&self) -> Vec<Family> {
+        let mut out: Vec<Family> = Vec::with_capacity(96);
         let sockets = &self.sockets;
-        let per_worker = |out: &mut String,
+        let per_worker = |out: &mut Vec<Family>,
                           name: &str,
                           help: &str,
                           kind: &str,
                           f: &dyn Fn(&SocketMetrics) -> u64| {
             family(out, name, help, kind);
             for (w, s) in sockets.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{worker=\"{w}\"}} {}", f(s));
+                sample(out, &[("worker", w.to_string())], f(s));
             }
         };
         per_worker(
@@ -414,16 +415,16 @@ impl Metrics {
             &|s| s.tls_handshake_failures.load(Relaxed),
         );
 
-        let labelled = |out: &mut String,
+        let labelled = |out: &mut Vec<Family>,
                         name: &str,
                         help: &str,
-                        label: &str,
+                        label: &'static str,
                         labels: &[&str],
                         f: &dyn Fn(&SocketMetrics, usize) -> u64| {
             family(out, name, help, "counter");
             for (i, l) in labels.iter().enumerate() {
                 let sum: u64 = sockets.iter().map(|s| f(s, i)).sum();
-                let _ = writeln!(out, "{name}{{{label}=\"{l}\"}} {sum}");
+                sample(out, &[(label, (*l).to_owned())], sum);
             }
         };
         labelled(
@@ -449,7 +450,7 @@ impl Metrics {
             "counter",
         );
         let accepted: u64 = sockets.iter().map(|s| s.auth_accepted.load(Relaxed)).sum();
-        let _ = writeln!(out, "tidepool_auth_accepted_total {accepted}");
+        sample(&mut out, &[], accepted);
         labelled(
             &mut out,
             "tidepool_messages_in_total",
@@ -484,14 +485,14 @@ impl Metrics {
         );
 
         let shards = &self.swarms;
-        let per_shard = |out: &mut String,
+        let per_shard = |out: &mut Vec<Family>,
                          name: &str,
                          help: &str,
                          kind: &str,
                          f: &dyn Fn(&SwarmMetrics) -> u64| {
             family(out, name, help, kind);
             for (w, s) in shards.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{shard=\"{w}\"}} {}", f(s));
+                sample(out, &[("shard", w.to_string())], f(s));
             }
         };
         per_shard(
@@ -572,10 +573,10 @@ impl Metrics {
         );
         for (w, s) in shards.iter().enumerate() {
             for (i, l) in DropKind::LABELS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "tidepool_replies_dropped_total{{shard=\"{w}\",kind=\"{l}\"}} {}",
-                    s.dropped[i].load(Relaxed)
+                sample(
+                    &mut out,
+                    &[("shard", w.to_string()), ("kind", (*l).to_owned())],
+                    s.dropped[i].load(Relaxed),
                 );
             }
         }
@@ -594,9 +595,9 @@ impl Metrics {
             &|s| s.peers_purged.load(Relaxed),
         );
 
-        let single = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
+        let single = |out: &mut Vec<Family>, name: &str, help: &str, kind: &str, v: u64| {
             family(out, name, help, kind);
-            let _ = writeln!(out, "{name} {v}");
+            sample(out, &[], v);
         };
         single(
             &mut out,
@@ -672,8 +673,86 @@ impl Metrics {
     }
 }
 
-fn family(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// One metric family as gathered: its name (counters with their `_total`), help, kind and
+/// samples.
+#[derive(Debug)]
+pub(crate) struct Family {
+    pub(crate) name: String,
+    pub(crate) help: String,
+    pub(crate) counter: bool,
+    pub(crate) samples: Vec<(Vec<(&'static str, String)>, u64)>,
+}
+
+/// Starts a family ("counter" or "gauge").
+pub(crate) fn family(out: &mut Vec<Family>, name: &str, help: &str, kind: &str) {
+    out.push(Family {
+        name: name.to_owned(),
+        help: help.to_owned(),
+        counter: kind == "counter",
+        samples: Vec::new(),
+    });
+}
+
+/// Adds a sample to the family started last.
+pub(crate) fn sample(out: &mut [Family], labels: &[(&'static str, String)], value: u64) {
+    if let Some(f) = out.last_mut() {
+        f.samples.push((labels.to_vec(), value));
+    }
+}
+
+/// The families as a `prometheus-client` collector: it writes the OpenMetrics text, the
+/// tracker only reads its counters (kept per worker and unlocked, so the hot path pays
+/// nothing for the exposition).
+#[derive(Debug)]
+pub(crate) struct Exposition(pub(crate) Vec<Family>);
+
+impl prometheus_client::collector::Collector for Exposition {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::{MetricType, TypedMetric};
+        for f in &self.0 {
+            // OpenMetrics names a counter family without its `_total`; the samples keep it.
+            let (name, kind) = if f.counter {
+                (
+                    f.name.strip_suffix("_total").unwrap_or(&f.name),
+                    ConstCounter::<u64>::TYPE,
+                )
+            } else {
+                (f.name.as_str(), MetricType::Gauge)
+            };
+            let mut family = encoder.encode_descriptor(name, &f.help, None, kind)?;
+            for (labels, value) in &f.samples {
+                let labels: Vec<(&str, &str)> =
+                    labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let sample = family.encode_family(&labels)?;
+                if f.counter {
+                    ConstCounter::new(*value).encode(sample)?;
+                } else {
+                    ConstGauge::new(*value as i64).encode(sample)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole `/metrics` body in the OpenMetrics text format, with `labels` on every sample
+/// (the cluster member, when clustered).
+pub(crate) fn render(families: Vec<Family>, labels: &[(String, String)]) -> String {
+    let mut registry = prometheus_client::registry::Registry::with_labels(
+        labels
+            .iter()
+            .map(|(k, v)| (k.clone().into(), v.clone().into())),
+    );
+    registry.register_collector(Box::new(Exposition(families)));
+    let mut out = String::with_capacity(16 * 1024);
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
 }
 
 #[cfg(test)]
@@ -687,7 +766,7 @@ mod tests {
         bump(&m.sockets[1].messages_in[InKind::Announce as usize], 4);
         bump(&m.sockets[1].connections, 5);
         bump(&m.sockets[0].closed[CloseReason::SlowReader as usize], 1);
-        let text = m.render_prometheus();
+        let text = render(m.families(), &[]);
         assert!(
             text.contains("tidepool_messages_in_total{kind=\"announce\"} 7\n"),
             "{text}"
@@ -698,10 +777,24 @@ mod tests {
         );
         assert!(text.contains("tidepool_connections_closed_total{reason=\"slow_reader\"} 1\n"));
         assert!(text.contains("tidepool_connections_closed_total{reason=\"idle\"} 0\n"));
-        // Every sample line belongs to a family declared just before it.
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics");
+        // Every sample line belongs to a declared family (a counter's without `_total`) and
+        // carries the registry's labels.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap_or_default();
-            assert!(text.contains(&format!("# TYPE {name} ")), "{line}");
+            let counter = name.strip_suffix("_total").unwrap_or(name);
+            assert!(
+                text.contains(&format!("# TYPE {name} gauge"))
+                    || text.contains(&format!("# TYPE {counter} counter")),
+                "{line}"
+            );
         }
+        let labelled = render(m.families(), &[("cluster_member".into(), "a".into())]);
+        assert!(
+            labelled
+                .contains("tidepool_messages_in_total{cluster_member=\"a\",kind=\"announce\"} 7\n"),
+            "{labelled}"
+        );
+        assert!(labelled.contains("tidepool_uptime_seconds{cluster_member=\"a\"} "));
     }
 }

@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -13,9 +13,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use mio::{Poll, Waker};
 use tidepool_protocol::tracker::{Action, ErrorResponse};
 
-use crate::access::{AccessList, AccessListError, AccessListMode, AccessView, SharedAccessList};
+use crate::access::{
+    AccessList, AccessListError, AccessListMode, AccessView, SharedAccessList, View,
+};
 use crate::auth::{KeyError, SharedAuth, Verifier};
 use crate::channel::{Rx, Tx};
+use crate::cluster::{Cluster, ClusterError, InstanceId, MemberTotals, Outbound, Routes};
 use crate::config::{Config, ConfigError};
 use crate::full_scrape::FullScrape;
 use crate::liveness::LivenessTable;
@@ -48,6 +51,9 @@ pub enum StartError {
     /// The token keys or revocation list could not be loaded.
     #[error(transparent)]
     Auth(#[from] KeyError),
+    /// The cluster bridge could not start.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     /// The process may not open as many descriptors as the config asks connections for.
     #[error(
         "network.max_connections_per_worker = {per_worker} with {workers} socket worker(s) needs \
@@ -130,6 +136,10 @@ pub(crate) struct Shared {
     /// When each connection was last heard from (for peer id takeover).
     pub(crate) liveness: LivenessTable,
     pub(crate) full_scrape: FullScrape,
+    /// This process: random per boot, in every connection id (see [`crate::cluster`]).
+    pub(crate) instance: InstanceId,
+    /// The cluster bridge, when `[cluster]` is on (set once, right after the channels exist).
+    pub(crate) cluster: OnceLock<Arc<Cluster>>,
     shutdown: AtomicBool,
 }
 
@@ -224,6 +234,9 @@ pub struct Tracker {
     wakers: Vec<Arc<Waker>>,
     stop_control: Option<Sender<()>>,
     threads: Vec<JoinHandle<()>>,
+    /// The runtime of the metrics endpoint and the cluster bridge, when either is on.
+    runtime: Option<tokio::runtime::Runtime>,
+    stop_stats: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Tracker {
@@ -285,6 +298,8 @@ impl Tracker {
                 Duration::from_secs(config.protocol.full_scrape_interval_secs),
                 config.protocol.full_scrape_max_swarms,
             ),
+            instance: InstanceId(fastrand::u64(1..)),
+            cluster: OnceLock::new(),
             shutdown: AtomicBool::new(false),
             config,
         });
@@ -320,6 +335,50 @@ impl Tracker {
         }
 
         let mut threads = Vec::new();
+        // One small runtime for the metrics endpoint and the cluster bridge, only when either
+        // is on: the workers never run on it.
+        let runtime = if config.cluster.nats_url.is_some() || metrics_listener.is_some() {
+            Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("tidepool-io")
+                    .enable_all()
+                    .build()
+                    .map_err(io_err("starting the runtime for metrics and the cluster"))?,
+            )
+        } else {
+            None
+        };
+        if let (Some(url), Some(rt)) = (&config.cluster.nats_url, &runtime) {
+            let name = config
+                .cluster
+                .name
+                .clone()
+                .unwrap_or_else(|| default_name(addr));
+            let weak = Arc::downgrade(&shared);
+            let totals = Box::new(move || {
+                weak.upgrade()
+                    .map_or_else(MemberTotals::default, |s| own_totals(&s))
+            });
+            let local = crate::cluster::Local {
+                to_swarms: to_swarms.clone(),
+                to_sockets: to_sockets.clone(),
+                wakers: wakers.clone(),
+            };
+            let (cluster, sender) = Cluster::start(
+                rt,
+                shared.instance,
+                &config.cluster,
+                url,
+                name,
+                (cap, bytes),
+                local,
+                totals,
+            )?;
+            let _ = shared.cluster.set(cluster);
+            threads.push(sender);
+        }
+        let cluster = shared.cluster.get().cloned();
         for (index, (rx, closes)) in swarm_rxs.into_iter().enumerate() {
             let worker = SwarmWorker {
                 index,
@@ -338,6 +397,8 @@ impl Tracker {
                 closes,
                 to_sockets: to_sockets.clone(),
                 wakers: wakers.clone(),
+                routes: cluster.as_ref().map(|c| View::new(&c.routes)),
+                cluster: cluster.clone(),
                 shared: shared.clone(),
             };
             threads.push(spawn(format!("swarm-{index}"), move || worker.run())?);
@@ -355,6 +416,7 @@ impl Tracker {
                 tls: tls.clone(),
                 to_swarms: to_swarms.clone(),
                 from_swarms: rx,
+                cluster: cluster.clone(),
                 echo,
                 _waker: wakers[index].clone(),
             };
@@ -370,11 +432,13 @@ impl Tracker {
         threads.push(spawn("control".into(), move || {
             run_control(&control, &stop_rx)
         })?);
-        if let Some(listener) = metrics_listener {
-            let shared = shared.clone();
-            threads.push(spawn("stats".into(), move || {
-                crate::stats::serve(listener, shared);
-            })?);
+        let mut stop_stats = None;
+        if let (Some(listener), Some(rt)) = (metrics_listener, &runtime) {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            stop_stats = Some(tx);
+            rt.spawn(crate::stats::serve(listener, shared.clone(), async move {
+                let _ = rx.await;
+            }));
         }
 
         Ok(Tracker {
@@ -385,12 +449,29 @@ impl Tracker {
             wakers,
             stop_control: Some(stop_control),
             threads,
+            runtime,
+            stop_stats,
         })
     }
 
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// This process's instance id: random per start, in every connection id, and its name
+    /// on the cluster bus.
+    pub fn instance(&self) -> u64 {
+        self.shared.instance.0
+    }
+
+    /// Live cluster members as this instance sees them, itself included (1 when not
+    /// clustered, or alone on the bus).
+    pub fn cluster_size(&self) -> usize {
+        self.shared
+            .cluster
+            .get()
+            .map_or(1, |c| c.routes.current().member_count())
     }
 
     /// The address of `/metrics` and `/stats`, when enabled.
@@ -439,18 +520,57 @@ impl Tracker {
 
     /// Closes every connection with a close frame and stops all threads.
     pub fn shutdown(mut self) {
+        if let Some(cluster) = self.shared.cluster.get() {
+            cluster.leave();
+        }
         self.shared.shutdown.store(true, Ordering::Relaxed);
         for waker in &self.wakers {
             let _ = waker.wake();
         }
         drop(self.stop_control.take());
-        if let Some(addr) = self.metrics_addr {
-            // Wakes the stats thread's blocking accept so it sees the flag.
-            let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200));
+        if let Some(stop) = self.stop_stats.take() {
+            let _ = stop.send(());
         }
         for thread in self.threads {
             let _ = thread.join();
         }
+        if let Some(runtime) = self.runtime.take() {
+            // On a thread of its own: the caller may be inside another runtime, where
+            // dropping one panics.
+            let _ =
+                std::thread::spawn(move || runtime.shutdown_timeout(Duration::from_secs(1))).join();
+        }
+    }
+}
+
+/// `[cluster] name` when unset: the host name and the port.
+fn default_name(addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!(
+        "{}:{}",
+        if host.is_empty() { "tracker" } else { host },
+        addr.port()
+    )
+}
+
+/// What this instance tells the others when asked for its totals.
+fn own_totals(shared: &Shared) -> MemberTotals {
+    let t = shared.metrics.totals();
+    MemberTotals {
+        name: shared
+            .cluster
+            .get()
+            .map(|c| c.name.clone())
+            .unwrap_or_default(),
+        connections: t.connections,
+        swarms: t.swarms,
+        seeders: t.seeders,
+        leechers: t.leechers,
+        shards_owned: shared
+            .cluster
+            .get()
+            .map_or(0, |c| c.routes.current().owned() as u64),
     }
 }
 
@@ -553,6 +673,9 @@ struct SwarmWorker {
     closes: Receiver<(ConnId, Request)>,
     to_sockets: Vec<Tx<(ConnId, Output)>>,
     wakers: Vec<Arc<Waker>>,
+    /// The cluster bridge and this worker's view of the shard owners, when clustered.
+    cluster: Option<Arc<Cluster>>,
+    routes: Option<View<Routes>>,
     shared: Arc<Shared>,
 }
 
@@ -595,8 +718,28 @@ impl SwarmWorker {
                 let purged = self.shard.retain_swarms(|h| list.allows(h));
                 bump(&m.peers_purged, purged as u64);
             }
+            if let (Some(routes), Some(cluster)) = (&mut self.routes, &self.cluster)
+                && routes.refresh(&cluster.routes)
+            {
+                // Shards that moved to another instance leave with their peers (the new
+                // owner fills from re-announces), and so do the peers of members that died.
+                let r = routes.get();
+                let mut purged = self.shard.retain_swarms(|h| r.owns(h));
+                purged += self.shard.remove_peers_of(|c| !r.is_member(c.instance));
+                bump(&m.peers_purged, purged as u64);
+            }
             let now = Instant::now();
-            let liveness: &dyn Liveness = &shared.liveness;
+            let clustered;
+            let liveness: &dyn Liveness = match &self.routes {
+                Some(routes) => {
+                    clustered = ClusterLiveness {
+                        local: &shared.liveness,
+                        routes: routes.get(),
+                    };
+                    &clustered
+                }
+                None => &shared.liveness,
+            };
             // Close notices that overflowed first: they are few, and an announce that
             // overtook its connection's close is ignored by the shard (the connection reads
             // as closed in the liveness table).
@@ -644,6 +787,12 @@ impl SwarmWorker {
             let now = Instant::now();
             if now >= next_clean {
                 self.shard.clean(now);
+                if let Some(routes) = &self.routes {
+                    // Swarms created here by requests sent under an older view of the owners.
+                    let r = routes.get();
+                    let purged = self.shard.retain_swarms(|h| r.owns(h));
+                    bump(&m.peers_purged, purged as u64);
+                }
                 next_clean = now + clean_interval;
             }
             if now >= next_stats {
@@ -666,6 +815,22 @@ impl SwarmWorker {
                 next_full_scrape = now + shared.full_scrape.interval() / 2;
             }
             for (conn, output) in out.drain(..) {
+                if let Some(cluster) = &self.cluster
+                    && conn.instance != shared.instance.0
+                {
+                    // For a connection on another instance: through the bridge.
+                    if cluster
+                        .lane
+                        .try_send(Outbound::Output { conn, output })
+                        .is_err()
+                    {
+                        cluster
+                            .counters
+                            .unsent_lane_full
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
                 let w = conn.worker as usize;
                 let kind = drop_kind(&output);
                 // Never block on a socket worker (it may be blocked on us): a full inbox
@@ -689,6 +854,27 @@ impl SwarmWorker {
                     let _ = self.wakers[w].wake();
                 }
             }
+        }
+    }
+}
+
+/// Liveness in a cluster: a local connection as the socket workers report it; one on another
+/// instance counts as live while that instance is a member (its close notice removes its
+/// peers) and as closed once it is not. So a peer owned through another instance cannot be
+/// taken over by silence, only freed by its close or its instance's death.
+struct ClusterLiveness<'a> {
+    local: &'a LivenessTable,
+    routes: &'a Routes,
+}
+
+impl Liveness for ClusterLiveness<'_> {
+    fn quiet_for(&self, conn: ConnId, now: Instant) -> Duration {
+        if conn.instance == self.routes.me().0 {
+            self.local.quiet_for(conn, now)
+        } else if self.routes.is_member(conn.instance) {
+            Duration::ZERO
+        } else {
+            Duration::MAX
         }
     }
 }

@@ -2,90 +2,85 @@
 //! `/stats.json`, on their own address so the public port never serves them.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use serde::Serialize;
 
+use crate::cluster::{MemberReply, MemberView};
 use crate::metrics::{CloseReason, ErrorKind, Metrics};
 use crate::server::Shared;
 
-/// Requests served at once; more wait in the listen backlog.
-const MAX_CONCURRENT: usize = 16;
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// The OpenMetrics text format `prometheus-client` writes (Prometheus reads it natively).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Accepts until shutdown (the tracker wakes this accept by connecting once).
-pub(crate) fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let busy = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        if shared.shutting_down() {
+/// Serves until `stop` resolves, on the runtime the caller runs it on.
+pub(crate) async fn serve(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("metrics endpoint: {e}");
             return;
         }
-        let Ok(stream) = stream else { continue };
-        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
-            busy.fetch_sub(1, Ordering::AcqRel);
-            continue;
-        }
-        let (shared, busy) = (shared.clone(), busy.clone());
-        let spawned = std::thread::Builder::new()
-            .name("stats-http".into())
-            .spawn(move || {
-                respond(stream, &shared);
-                busy.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
-            tracing::warn!("could not spawn a stats request thread");
-        }
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/stats.json", get(stats_json))
+        .route("/", get(stats_html))
+        .route("/stats", get(stats_html))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::error!("metrics endpoint stopped: {e}");
     }
 }
 
-fn respond(mut stream: TcpStream, shared: &Shared) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let mut buf = [0u8; 8192];
-    let mut len = 0;
-    // Only the request line matters; read until the end of the headers or the buffer.
-    while len < buf.len() && !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf[len..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => len += n,
-        }
+fn no_store(kind: &'static str, body: String) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn metrics(axum::extract::State(shared): axum::extract::State<Arc<Shared>>) -> Response {
+    let mut families = shared.metrics.families();
+    let mut labels = Vec::new();
+    if let Some(cluster) = shared.cluster.get() {
+        families.extend(cluster.families());
+        labels.push(("cluster_member".to_owned(), cluster.name.clone()));
     }
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or("/"),
-    );
-    let path = target.split('?').next().unwrap_or_default();
-    let (status, kind, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render_prometheus(),
-        ),
-        ("GET", "/stats.json") => (
-            "200 OK",
-            "application/json",
-            serde_json::to_string(&snapshot(shared)).unwrap_or_default(),
-        ),
-        ("GET", "/" | "/stats") => (
-            "200 OK",
-            "text/html; charset=utf-8",
-            render_html(&snapshot(shared)),
-        ),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
-        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
-    };
-    let header = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = stream.write_all(header.as_bytes());
-    let _ = stream.write_all(body.as_bytes());
+    no_store(OPENMETRICS, crate::metrics::render(families, &labels))
+}
+
+async fn stats_json(axum::extract::State(shared): axum::extract::State<Arc<Shared>>) -> Response {
+    let snap = snapshot(&shared).await;
+    no_store(
+        "application/json",
+        serde_json::to_string(&snap).unwrap_or_default(),
+    )
+}
+
+async fn stats_html(axum::extract::State(shared): axum::extract::State<Arc<Shared>>) -> Response {
+    let snap = snapshot(&shared).await;
+    no_store("text/html; charset=utf-8", render_html(&snap))
 }
 
 /// What `/stats.json` returns and `/stats` shows.
@@ -107,6 +102,18 @@ pub(crate) struct Snapshot {
     closed: BTreeMap<&'static str, u64>,
     errors: BTreeMap<&'static str, u64>,
     top_swarms: Vec<TopSwarm>,
+    /// The cluster, when this instance is in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterSnapshot>,
+}
+
+/// The members as this instance sees them, and each other member's own totals (asked over
+/// the bus, each within the request timeout; a silent member is listed with the failure).
+#[derive(Debug, Serialize)]
+struct ClusterSnapshot {
+    name: String,
+    members: Vec<MemberView>,
+    replies: Vec<MemberReply>,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,7 +123,7 @@ struct TopSwarm {
     leechers: u64,
 }
 
-fn snapshot(shared: &Shared) -> Snapshot {
+async fn snapshot(shared: &Shared) -> Snapshot {
     let m: &Metrics = &shared.metrics;
     let t = m.totals();
     let rates = m.rates.lock().map(|r| *r).unwrap_or_default();
@@ -132,6 +139,14 @@ fn snapshot(shared: &Shared) -> Snapshot {
             .collect()
     };
     let round = |x: f64| (x * 10.0).round() / 10.0;
+    let cluster = match shared.cluster.get() {
+        Some(c) => Some(ClusterSnapshot {
+            name: c.name.clone(),
+            members: c.members(),
+            replies: c.gather().await,
+        }),
+        None => None,
+    };
     Snapshot {
         version: env!("CARGO_PKG_VERSION"),
         uptime_secs: m.started.elapsed().as_secs(),
@@ -161,7 +176,16 @@ fn snapshot(shared: &Shared) -> Snapshot {
                 leechers: s.incomplete,
             })
             .collect(),
+        cluster,
     }
+}
+
+/// Member names come from the bus: escaped before they reach the page.
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn uptime(secs: u64) -> String {
@@ -223,6 +247,40 @@ fn render_html(s: &Snapshot) -> String {
         ),
     ]
     .concat();
+    let cluster = s.cluster.as_ref().map_or_else(String::new, |c| {
+        let replies: std::collections::HashMap<&str, &MemberReply> =
+            c.replies.iter().map(|r| (r.id.as_str(), r)).collect();
+        let rows: String = c
+            .members
+            .iter()
+            .map(|m| {
+                let reply = replies.get(m.id.as_str());
+                let (peers, status) = match reply {
+                    _ if m.me => (
+                        (s.seeders + s.leechers).to_string(),
+                        "this instance".to_owned(),
+                    ),
+                    Some(MemberReply {
+                        totals: Some(t), ..
+                    }) => ((t.seeders + t.leechers).to_string(), "answered".to_owned()),
+                    Some(MemberReply { error: Some(e), .. }) => (String::new(), e.clone()),
+                    _ => (String::new(), String::new()),
+                };
+                format!(
+                    "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    html_escape(&m.name),
+                    m.id,
+                    m.shards_owned,
+                    m.last_heard_ms,
+                    peers,
+                    html_escape(&status)
+                )
+            })
+            .collect();
+        format!(
+            "<h2>Cluster</h2><table><thead><tr><th>member</th><th>instance</th><th>shards owned</th><th>last heard (ms)</th><th>peers</th><th>stats request</th></tr></thead><tbody>{rows}</tbody></table>"
+        )
+    });
     format!(
         r#"<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>tidepool tracker</title>
@@ -243,6 +301,7 @@ td,th{{border:1px solid #d1d9e0;padding:.3rem .7rem;text-align:right}} td:first-
 <h2>Largest swarms</h2>
 <table><thead><tr><th>info hash</th><th>seeders</th><th>leechers</th><th>peers</th></tr></thead>
 <tbody id=top>{rows}</tbody></table>
+{cluster}
 <script>
 function uptime(s){{const p=n=>String(n).padStart(2,'0');return Math.floor(s/86400)+'d '+p(Math.floor(s/3600)%24)+'h '+p(Math.floor(s/60)%60)+'m '+p(s%60)+'s'}}
 async function refresh(){{

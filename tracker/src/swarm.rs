@@ -30,6 +30,9 @@ use tidepool_protocol::{InfoHash, OfferId, PeerId};
 /// A connection, unique across all socket workers for the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnId {
+    /// The tracker instance that holds the socket: random per boot, so a connection id is
+    /// unique across a cluster and across restarts (see [`crate::cluster`]).
+    pub instance: u64,
     /// The socket worker that owns it.
     pub worker: u16,
     /// Its slot in that worker's connection table (reused after close).
@@ -307,6 +310,27 @@ impl Shard {
         all.sort_by_key(key);
         all.truncate(n);
         all
+    }
+
+    /// Drops every peer whose connection `gone` names (the connections of a cluster member
+    /// that died), and the swarms that empties. Walks every peer: for rare events only.
+    /// Returns the number of peers removed.
+    pub fn remove_peers_of(&mut self, gone: impl Fn(&ConnId) -> bool) -> usize {
+        let mut removed = 0;
+        self.swarms.retain(|_, swarm| {
+            let doomed: Vec<PeerId> = swarm
+                .peers
+                .iter()
+                .filter(|(_, p)| gone(&p.conn))
+                .map(|(id, _)| *id)
+                .collect();
+            removed += doomed.len();
+            for peer_id in doomed {
+                swarm.remove(&peer_id);
+            }
+            !swarm.peers.is_empty()
+        });
+        removed
     }
 
     /// Drops every swarm `keep` refuses, with its peers (used when an access list changes).
@@ -655,6 +679,7 @@ mod tests {
 
     fn conn(n: u32) -> ConnId {
         ConnId {
+            instance: 0,
             worker: 0,
             slot: n,
             serial: n as u64,
@@ -1187,6 +1212,42 @@ mod tests {
             "not taken"
         );
         assert_eq!(s.counters().takeovers, 0);
+    }
+
+    #[test]
+    fn a_dead_instances_peers_are_purged_and_no_one_elses() {
+        let mut s = shard();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let remote = |n: u32| ConnId {
+            instance: 42,
+            ..conn(n)
+        };
+        s.h(
+            now,
+            conn(1),
+            announce(1, AnnounceEvent::Started, true, 0),
+            &mut out,
+        );
+        s.h(
+            now,
+            remote(2),
+            announce(2, AnnounceEvent::Started, false, 0),
+            &mut out,
+        );
+        s.h(
+            now,
+            remote(3),
+            announce(3, AnnounceEvent::Started, false, 0),
+            &mut out,
+        );
+        assert_eq!(s.totals(), (1, 1, 2));
+        // Slot 1 on the dead instance is not slot 1 here.
+        assert_eq!(s.remove_peers_of(|c| c.instance == 42), 2);
+        assert_eq!(s.totals(), (1, 1, 0));
+        assert_eq!(s.owner(&InfoHash([1; 20]), &PeerId([1; 20])), Some(conn(1)));
+        assert_eq!(s.remove_peers_of(|c| c.instance == 0), 1);
+        assert_eq!(s.swarm_count(), 0, "an emptied swarm is freed");
     }
 
     #[test]

@@ -23,7 +23,7 @@ async fn metrics_move_with_announces_offers_bad_json_binary_frames_and_closes() 
     let tracker = start(config_with_metrics());
     let (status, kind, text) = http_get(&tracker, "/metrics");
     assert_eq!(status, 200);
-    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
     assert_eq!(sample(&text, "tidepool_connections{worker=\"0\"}"), 0);
     assert_eq!(
         sample(&text, "tidepool_messages_in_total{kind=\"announce\"}"),

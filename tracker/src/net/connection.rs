@@ -315,7 +315,9 @@ pub(super) const MAX_PENDING_SCRAPES: usize = 32;
 /// A scrape split across swarm workers, waiting for every part.
 pub(super) struct PendingScrape {
     pub(super) request_id: u64,
-    pub(super) parts_left: usize,
+    /// Hashes not answered yet. Counted in hashes rather than parts: a part from another
+    /// instance may come split across its swarm workers, however many it has.
+    pub(super) hashes_left: usize,
     pub(super) files: Vec<(InfoHash, ScrapeStats)>,
     /// Requested order, so the reply lists swarms as asked.
     pub(super) requested: Vec<InfoHash>,
@@ -344,9 +346,9 @@ impl Connection {
             return Merged::Unknown;
         };
         let pending = &mut self.scrapes[pos];
+        pending.hashes_left = pending.hashes_left.saturating_sub(files.len());
         pending.files.extend(files);
-        pending.parts_left = pending.parts_left.saturating_sub(1);
-        if pending.parts_left > 0 {
+        if pending.hashes_left > 0 {
             return Merged::Waiting;
         }
         let pending = self.scrapes.swap_remove(pos);

@@ -29,6 +29,7 @@ use tidepool_protocol::{InfoHash, PeerId};
 use crate::access::{AccessView, View};
 use crate::auth::{Refused, Verifier};
 use crate::channel::Rx;
+use crate::cluster::{Cluster, InstanceId, Outbound, Routes};
 use crate::metrics::{CloseReason, ErrorKind, OutKind, RefuseReason, SocketMetrics, bump};
 use crate::proxy::{forwarded_client, is_trusted};
 use crate::server::{Shared, SwarmLanes};
@@ -78,6 +79,9 @@ pub(crate) struct SocketWorker {
     /// One entry per swarm worker: its request inbox and its close-notice lane.
     pub(crate) to_swarms: Vec<SwarmLanes>,
     pub(crate) from_swarms: Rx<(ConnId, Output)>,
+    /// The cluster bridge, when `[cluster]` is on: requests for shards other instances own
+    /// go there.
+    pub(crate) cluster: Option<Arc<Cluster>>,
     /// Echo text and binary messages back instead of speaking the tracker protocol: the
     /// Autobahn conformance harness drives the same connection code through this.
     pub(crate) echo: bool,
@@ -106,7 +110,9 @@ impl SocketWorker {
             binary: self.echo,
         };
         let pool = BufPool::new(n.read_buffer_size);
+        let routes = self.cluster.as_ref().map(|c| View::new(&c.routes));
         EventLoop {
+            routes,
             worker: self,
             conns: Slab::new(),
             next_serial: 0,
@@ -132,6 +138,8 @@ impl SocketWorker {
 /// The running loop of one socket worker.
 struct EventLoop {
     worker: SocketWorker,
+    /// Who owns which shard, when clustered.
+    routes: Option<View<Routes>>,
     conns: Slab<Connection>,
     next_serial: u64,
     next_request_id: u64,
@@ -187,6 +195,9 @@ impl EventLoop {
             }
             // After the wait, so frames that arrive after a reload meet the new list.
             self.access.refresh(&self.worker.shared.access);
+            if let (Some(routes), Some(cluster)) = (&mut self.routes, &self.worker.cluster) {
+                routes.refresh(&cluster.routes);
+            }
             self.refresh_auth();
             // Replies first. While they back up, reading more requests would only make more
             // replies to drop: reads wait (TCP pushes back on the clients) until the backlog
@@ -307,6 +318,7 @@ impl EventLoop {
             self.next_serial += 1;
             let now = Instant::now();
             let id = ConnId {
+                instance: self.worker.shared.instance.0,
                 worker: self.worker.index,
                 slot: slot as u32,
                 serial: self.next_serial,
@@ -837,8 +849,20 @@ impl EventLoop {
         conn.link.release(&mut self.pool);
         let shards = self.worker.to_swarms.len();
         let mut per_shard: Vec<Vec<(InfoHash, PeerId)>> = vec![Vec::new(); shards];
+        let mut remote: Vec<(InstanceId, Vec<(InfoHash, PeerId)>)> = Vec::new();
         for (h, p) in conn.swarms.into_pairs() {
-            per_shard[shard_of(&h, shards)].push((h, p));
+            match self.dest(&h) {
+                Dest::Local(shard) => per_shard[shard].push((h, p)),
+                Dest::Remote(owner) => match remote.iter_mut().find(|(o, _)| *o == owner) {
+                    Some((_, peers)) => peers.push((h, p)),
+                    None => remote.push((owner, vec![(h, p)])),
+                },
+            }
+        }
+        for (owner, peers) in remote {
+            // A notice the bridge cannot take leaves the peers on their owner until the peer
+            // timeout; counted there (`unsent_lane_full`).
+            let _ = self.send_remote(owner, conn.id, Request::Closed { peers });
         }
         for (lanes, peers) in self.worker.to_swarms.iter().zip(per_shard) {
             if peers.is_empty() {
@@ -855,6 +879,47 @@ impl EventLoop {
                 let _ = lanes.closes.send(e.into_inner());
             }
         }
+    }
+}
+
+/// Where a request for a swarm goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dest {
+    /// This instance's swarm worker with this index.
+    Local(usize),
+    /// The instance that owns the swarm's shard (clustered only).
+    Remote(InstanceId),
+}
+
+impl EventLoop {
+    /// The swarm worker, or the other instance, that owns `info_hash`.
+    pub(super) fn dest(&self, info_hash: &InfoHash) -> Dest {
+        if let Some(routes) = &self.routes {
+            let owner = routes.get().owner(info_hash);
+            if owner != routes.get().me() {
+                return Dest::Remote(owner);
+            }
+        }
+        Dest::Local(shard_of(info_hash, self.worker.to_swarms.len()))
+    }
+
+    /// Hands a request for another instance's shard to the bridge; false (counted) when its
+    /// lane is full.
+    pub(super) fn send_remote(&self, to: InstanceId, conn: ConnId, request: Request) -> bool {
+        let Some(cluster) = &self.worker.cluster else {
+            return false;
+        };
+        let sent = cluster
+            .lane
+            .try_send(Outbound::Request { to, conn, request })
+            .is_ok();
+        if !sent {
+            cluster
+                .counters
+                .unsent_lane_full
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        sent
     }
 }
 

@@ -9,11 +9,12 @@ use tidepool_protocol::tracker::{
     Action, ClientMessage, ErrorResponse, ScrapeHashes, ScrapeResponse,
 };
 
-use super::EventLoop;
 use super::connection::{
     Change, MAX_PENDING_SCRAPES, MembershipLimits, PendingScrape, TooManySwarms,
 };
+use super::{Dest, EventLoop};
 use crate::auth::{Denied, Pools};
+use crate::cluster::InstanceId;
 use crate::metrics::{ErrorKind, InKind, OutKind, bump};
 use crate::swarm::{Announce, AnswerPart, Request};
 use tidepool_protocol::tracker::AnnounceEvent;
@@ -165,7 +166,7 @@ impl EventLoop {
             max_ids: p.max_peer_ids_per_swarm,
             timeout: self.worker.shared.config.membership_timeout(),
         };
-        let shard = self.shard_of(&a.info_hash);
+        let dest = self.dest(&a.info_hash);
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
@@ -198,15 +199,26 @@ impl EventLoop {
             a.replaces = Some(old);
         }
         let id = conn.id;
-        if let Err(e) = self.worker.to_swarms[shard]
-            .requests
-            .try_send((id, Request::Announce(a)))
-        {
-            conn.swarms.undo(info_hash, peer_id, change);
-            let reason = match e {
-                TrySendError::Full(_) => "tracker is overloaded; retry later",
-                TrySendError::Disconnected(_) => "tracker is shutting down",
-            };
+        let sent = match dest {
+            Dest::Local(shard) => self.worker.to_swarms[shard]
+                .requests
+                .try_send((id, Request::Announce(a)))
+                .map_err(|e| match e {
+                    TrySendError::Full(_) => "tracker is overloaded; retry later",
+                    TrySendError::Disconnected(_) => "tracker is shutting down",
+                }),
+            Dest::Remote(owner) => {
+                if self.send_remote(owner, id, Request::Announce(a)) {
+                    Ok(())
+                } else {
+                    Err("tracker is overloaded; retry later")
+                }
+            }
+        };
+        if let Err(reason) = sent {
+            if let Some(conn) = self.conns.get_mut(slot) {
+                conn.swarms.undo(info_hash, peer_id, change);
+            }
             self.failure(
                 slot,
                 ErrorKind::Overloaded,
@@ -215,10 +227,6 @@ impl EventLoop {
                 Some(info_hash),
             );
         }
-    }
-
-    fn shard_of(&self, info_hash: &InfoHash) -> usize {
-        super::shard_of(info_hash, self.worker.to_swarms.len())
     }
 
     fn forward_scrape(&mut self, slot: usize, hashes: ScrapeHashes, now: Instant) {
@@ -264,16 +272,38 @@ impl EventLoop {
         self.next_request_id += 1;
         let request_id = self.next_request_id;
         let mut per_shard: Vec<Vec<InfoHash>> = vec![Vec::new(); shards];
+        let mut remote: Vec<(InstanceId, Vec<InfoHash>)> = Vec::new();
         for h in &requested {
-            per_shard[super::shard_of(h, shards)].push(*h);
+            match self.dest(h) {
+                Dest::Local(shard) => per_shard[shard].push(*h),
+                Dest::Remote(owner) => match remote.iter_mut().find(|(o, _)| *o == owner) {
+                    Some((_, hashes)) => hashes.push(*h),
+                    None => remote.push((owner, vec![*h])),
+                },
+            }
         }
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         conn.scrapes.push(PendingScrape {
             request_id,
-            parts_left: per_shard.iter().filter(|p| !p.is_empty()).count(),
+            hashes_left: requested.len(),
             files: Vec::new(),
             requested,
             deadline: now + timeout,
         });
+        // Parts for other instances go first: a part they cannot take fails the scrape at
+        // once, like a full local inbox, instead of after the reply timeout.
+        let remote_sent = remote.into_iter().all(|(owner, info_hashes)| {
+            let req = Request::Scrape {
+                request_id,
+                info_hashes,
+            };
+            self.send_remote(owner, id, req)
+        });
+        if !remote_sent {
+            return self.scrape_overloaded(slot, request_id);
+        }
         for (lanes, info_hashes) in self.worker.to_swarms.iter().zip(per_shard) {
             if info_hashes.is_empty() {
                 continue;
@@ -283,15 +313,19 @@ impl EventLoop {
                 info_hashes,
             };
             if lanes.requests.try_send((id, req)).is_err() {
-                // Parts already sent come back to no pending scrape and are counted there.
-                if let Some(conn) = self.conns.get_mut(slot) {
-                    conn.scrapes.retain(|p| p.request_id != request_id);
-                }
-                let reason = "tracker is overloaded; retry later";
-                self.failure(slot, ErrorKind::Overloaded, reason, Action::Scrape, None);
-                return;
+                return self.scrape_overloaded(slot, request_id);
             }
         }
+    }
+
+    /// A part of a scrape could not be sent: the scrape fails at once. Parts already sent
+    /// come back to no pending scrape and are counted there.
+    fn scrape_overloaded(&mut self, slot: usize, request_id: u64) {
+        if let Some(conn) = self.conns.get_mut(slot) {
+            conn.scrapes.retain(|p| p.request_id != request_id);
+        }
+        let reason = "tracker is overloaded; retry later";
+        self.failure(slot, ErrorKind::Overloaded, reason, Action::Scrape, None);
     }
 
     /// A scrape without `info_hash`: refused unless enabled; then at most one per interval

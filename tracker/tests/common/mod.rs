@@ -294,3 +294,80 @@ pub fn chromium() -> Option<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
         .find(|p| p.exists())
 }
+
+/// A `nats-server` on a free loopback port, killed when dropped. CI installs it (Debian's
+/// `nats-server`); a machine without it fails these tests rather than skipping them.
+pub struct Nats {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Self::start_on(port)
+    }
+
+    /// On a given port (to restart one in the same place).
+    pub fn start_on(port: u16) -> Nats {
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs (apt-get install nats-server)");
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nats { port, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it at once (SIGKILL): the bus vanishes mid-flight.
+    pub fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for one member of a cluster on `nats`, with fast heartbeats.
+pub fn cluster_config(nats: &str, name: &str) -> Config {
+    let mut c = config(2, 2);
+    c.cluster.nats_url = Some(nats.to_owned());
+    c.cluster.name = Some(name.to_owned());
+    c.cluster.heartbeat_interval_ms = 100;
+    c.cluster.heartbeats_missed = 5;
+    c
+}
+
+/// Waits until every tracker sees `n` members.
+pub async fn wait_for_cluster(trackers: &[&Tracker], n: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while trackers.iter().any(|t| t.cluster_size() != n) {
+        let sizes: Vec<usize> = trackers.iter().map(|t| t.cluster_size()).collect();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cluster never formed: sizes {sizes:?}, want {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

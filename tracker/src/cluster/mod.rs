@@ -8,10 +8,16 @@
 //! `weight(shard, member)` is highest. When a member leaves, only its shards move (each to its
 //! runner-up); when one joins, it takes about `1/n` of the shards, from every other member.
 
+mod bridge;
+pub(crate) mod wire;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tidepool_protocol::InfoHash;
+
+pub use bridge::ClusterError;
+pub(crate) use bridge::{Cluster, Local, MemberReply, MemberTotals, MemberView, Outbound};
 
 /// A tracker instance: random per boot, so a restarted instance is a new member (its old
 /// connections are gone; nothing may be routed to them).
@@ -156,6 +162,67 @@ impl Membership {
             *counts.entry(self.owner(shard)).or_default() += 1;
         }
         counts.into_iter().collect()
+    }
+}
+
+/// Who owns each virtual shard and which members are alive, as the bus last told this
+/// instance: computed by the bridge on every membership change and read by the socket
+/// workers (where to send a request) and the swarm workers (what to keep, whose peers to
+/// purge) through a [`crate::access::View`].
+#[derive(Debug, Clone)]
+pub(crate) struct Routes {
+    me: InstanceId,
+    shards: u32,
+    /// The owner of each virtual shard.
+    owners: Vec<InstanceId>,
+    /// Live members, this one included, sorted.
+    members: Vec<InstanceId>,
+}
+
+impl Routes {
+    /// The routes of `membership` now.
+    pub(crate) fn of(membership: &Membership) -> Self {
+        Self {
+            me: membership.me(),
+            shards: membership.shards(),
+            owners: (0..membership.shards())
+                .map(|s| membership.owner(s))
+                .collect(),
+            members: membership.members(),
+        }
+    }
+
+    /// This instance.
+    pub(crate) fn me(&self) -> InstanceId {
+        self.me
+    }
+
+    /// The instance that owns `info_hash`'s shard.
+    pub(crate) fn owner(&self, info_hash: &InfoHash) -> InstanceId {
+        self.owners
+            .get(shard_of(info_hash, self.shards) as usize)
+            .copied()
+            .unwrap_or(self.me)
+    }
+
+    /// Whether this instance owns `info_hash`'s shard.
+    pub(crate) fn owns(&self, info_hash: &InfoHash) -> bool {
+        self.owner(info_hash) == self.me
+    }
+
+    /// Whether `instance` is a live member (this one always is).
+    pub(crate) fn is_member(&self, instance: u64) -> bool {
+        self.members.binary_search(&InstanceId(instance)).is_ok()
+    }
+
+    /// Live members, this one included.
+    pub(crate) fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Shards this instance owns.
+    pub(crate) fn owned(&self) -> usize {
+        self.owners.iter().filter(|o| **o == self.me).count()
     }
 }
 
