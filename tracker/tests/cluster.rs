@@ -207,3 +207,319 @@ async fn a_scrape_merges_counts_from_every_owner() {
         t.shutdown();
     }
 }
+
+/// Publishes heartbeats for a member that takes its requests and never answers, until
+/// dropped.
+struct Ghost(tokio::task::JoinHandle<()>);
+
+impl Ghost {
+    async fn start(nats: &Nats, id: u64) -> Ghost {
+        let client = async_nats::connect(nats.url()).await.expect("test client");
+        // Subscribed, so NATS has a responder for its subjects: requests go unanswered
+        // rather than failing fast with "no responders".
+        let silent = [
+            client.subscribe(format!("tidepool.stats.{id:016x}")).await,
+            client.subscribe(format!("tidepool.i.{id:016x}")).await,
+        ];
+        Ghost(tokio::spawn(async move {
+            let _silent = silent;
+            loop {
+                let beat =
+                    json!({"v": 1, "id": format!("{id:016x}"), "name": "ghost", "shards": 1024});
+                let _ = client.publish("tidepool.hb", beat.to_string().into()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }))
+    }
+}
+
+impl Drop for Ghost {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_never_answers_fails_scrapes_in_time_and_shows_on_stats() {
+    let nats = Nats::start();
+    let mut config = cluster_config(&nats.url(), "a");
+    config.workers.reply_timeout_ms = 500;
+    config.metrics.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    let a = start(config);
+    let ghost_id = 0x00aa_00bb_00cc_00dd;
+    let _ghost = Ghost::start(&nats, ghost_id).await;
+    wait_for_cluster(&[&a], 2).await;
+    let ids = [a.instance(), ghost_id];
+    let ghostly = (0..)
+        .map(|n| spread(b'g', n))
+        .find(|h| owner_of(&ids, h) == ghost_id)
+        .expect("the ghost owns some shard");
+    let own = (0..)
+        .map(|n| spread(b'o', n))
+        .find(|h| owner_of(&ids, h) == ids[0])
+        .expect("a owns some shard");
+    let mut c = Client::connect(&a.url()).await;
+    c.announce(&own, &num_id(b'p', 1), json!({})).await;
+    let asked = std::time::Instant::now();
+    let r = c.scrape(json!([own, ghostly])).await;
+    let reason = r["failure reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("scrape timed out"), "{r}");
+    assert!(asked.elapsed() < Duration::from_secs(3), "failed in time");
+    // Its own swarms still answer at once.
+    let r = c.scrape(json!(own)).await;
+    assert_eq!(r["files"][&own]["incomplete"], json!(1), "{r}");
+    let (status, _, body) = http_get(&a, "/stats.json");
+    assert_eq!(status, 200);
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let members = stats["cluster"]["members"].as_array().expect("members");
+    assert_eq!(members.len(), 2, "{stats}");
+    assert!(members.iter().any(|m| m["name"] == "ghost"));
+    let replies = stats["cluster"]["replies"].as_array().expect("replies");
+    assert!(
+        replies[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("no answer within")),
+        "{stats}"
+    );
+    let (_, _, metrics) = http_get(&a, "/metrics");
+    assert_eq!(
+        sample(&metrics, "tidepool_cluster_members{cluster_member=\"a\"}"),
+        2
+    );
+    assert!(
+        sample(
+            &metrics,
+            "tidepool_cluster_items_total{cluster_member=\"a\",direction=\"sent\"}"
+        ) >= 1,
+        "the scrape part went out: {metrics}"
+    );
+    a.shutdown();
+}
+
+/// A tracker process (so it can be killed with SIGKILL) in the cluster on `nats`.
+struct Process {
+    child: std::process::Child,
+    url: String,
+    dir: std::path::PathBuf,
+}
+
+impl Process {
+    fn start(nats: &Nats, name: &str) -> Process {
+        use std::io::BufRead;
+        let dir = temp_dir(name);
+        let config = dir.join("tracker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[network]\nlisten = \"127.0.0.1:0\"\n[cluster]\nnats_url = \"{}\"\nname = \"{name}\"\nheartbeat_interval_ms = 100\nheartbeats_missed = 5\n",
+                nats.url()
+            ),
+        )
+        .expect("config written");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool-tracker"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tracker binary runs");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(url) = line.split_whitespace().find(|w| w.starts_with("ws://")) {
+                    let _ = tx.send(url.to_owned());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(WAIT)
+            .expect("the tracker says where it listens");
+        Process { child, url, dir }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_with_sigkill_vanishes_from_every_swarm_and_its_shards_move() {
+    let nats = Nats::start();
+    let a = start(cluster_config(&nats.url(), "a"));
+    let b = start(cluster_config(&nats.url(), "b"));
+    let mut c = Process::start(&nats, "c");
+    wait_for_cluster(&[&a, &b], 3).await;
+    let hashes: Vec<String> = (0..12).map(|n| spread(b'k', n)).collect();
+    let mut on_a = Vec::new();
+    let mut on_c = Vec::new();
+    for (i, h) in hashes.iter().enumerate() {
+        let mut x = Client::connect(&a.url()).await;
+        x.announce(h, &num_id(b'a', i as u32), json!({"left": 0}))
+            .await;
+        on_a.push(x);
+        let mut y = Client::connect(&c.url).await;
+        let r = y
+            .announce(h, &num_id(b'c', i as u32), json!({"left": 9}))
+            .await;
+        assert_eq!(r["complete"], json!(1), "{r}");
+        assert_eq!(r["incomplete"], json!(1), "{r}");
+        on_c.push(y);
+    }
+    c.child.kill().expect("SIGKILL");
+    let killed = std::time::Instant::now();
+    // Stated time: heartbeats_missed × heartbeat_interval (500 ms here) plus a heartbeat.
+    wait_for_cluster(&[&a, &b], 2).await;
+    let mut watcher = Client::connect(&b.url()).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = watcher.scrape(json!(hashes)).await;
+        let files = r["files"].as_object().cloned().unwrap_or_default();
+        let gone = hashes.iter().all(|h| {
+            files.get(h) == Some(&json!({"complete": 1, "incomplete": 0, "downloaded": 0}))
+        });
+        if gone {
+            break;
+        }
+        // Swarms c owned start empty on their new owner and fill from re-announces.
+        for (i, (x, h)) in on_a.iter_mut().zip(&hashes).enumerate() {
+            x.announce(h, &num_id(b'a', i as u32), json!({"left": 0}))
+                .await;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "c's peers stayed: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        killed.elapsed()
+    );
+    // Every swarm is served by the survivors: a leecher on b reaches the seeder on a.
+    for (i, h) in hashes.iter().enumerate() {
+        let mut l = Client::connect(&b.url()).await;
+        let r = l
+            .announce(
+                h,
+                &num_id(b'l', i as u32),
+                json!({"left": 9, "numwant": 1, "offers": offers(1, "late")}),
+            )
+            .await;
+        assert_eq!(r["complete"], json!(1), "{r}");
+        let offer = on_a[i].recv().await;
+        assert_eq!(offer["peer_id"], json!(num_id(b'l', i as u32)), "{offer}");
+    }
+    drop(on_c);
+    a.shutdown();
+    b.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_under_load_crashes_nothing_counts_losses_and_service_resumes() {
+    let nats = Nats::start();
+    let url = nats.url();
+    let mut configs: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| cluster_config(&url, n))
+        .collect();
+    for c in &mut configs {
+        c.metrics.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    }
+    let trackers: Vec<Tracker> = configs.into_iter().map(start).collect();
+    wait_for_cluster(&trackers.iter().collect::<Vec<_>>(), 3).await;
+    // Load: a client per instance announcing with offers into shared swarms, unpaced
+    // (replies are read by a task per client and counted).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let replies = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut load = Vec::new();
+    for (i, t) in trackers.iter().enumerate() {
+        let (url, stop, replies) = (t.url(), stop.clone(), replies.clone());
+        load.push(tokio::spawn(async move {
+            use futures_util::{SinkExt, StreamExt};
+            let c = Client::connect(&url).await;
+            let (mut tx, mut rx) = c.ws.split();
+            let reader = tokio::spawn(async move {
+                while let Some(Ok(_)) = rx.next().await {
+                    replies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let h = spread(b'r', n % 16);
+                let msg = announce_msg(
+                    &h,
+                    &num_id(b'p', i as u32),
+                    json!({"numwant": 2, "offers": offers(2, "load")}),
+                );
+                let text = tokio_tungstenite::tungstenite::Message::text(msg.to_string());
+                if tx.send(text).await.is_err() {
+                    break;
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            reader.abort();
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let port = nats.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = replies.load(std::sync::atomic::Ordering::Relaxed);
+    let _nats = Nats::start_on(port);
+    wait_for_cluster(&trackers.iter().collect::<Vec<_>>(), 3).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        l.await.expect("load task");
+    }
+    assert!(
+        replies.load(std::sync::atomic::Ordering::Relaxed) > during,
+        "replies kept coming after NATS returned"
+    );
+    // Cross-instance offers flow again: a seeder on a, a leecher on c, in a swarm b owns.
+    let ids: Vec<u64> = trackers.iter().map(Tracker::instance).collect();
+    let h = (0..)
+        .map(|n| spread(b'z', n))
+        .find(|h| owner_of(&ids, h) == ids[1])
+        .expect("b owns some shard");
+    let mut seeder = Client::connect(&trackers[0].url()).await;
+    seeder
+        .announce(&h, &num_id(b's', 0), json!({"left": 0}))
+        .await;
+    let mut leecher = Client::connect(&trackers[2].url()).await;
+    let r = leecher
+        .announce(
+            &h,
+            &num_id(b'l', 0),
+            json!({"left": 5, "numwant": 1, "offers": offers(1, "after")}),
+        )
+        .await;
+    assert_eq!(r["complete"], json!(1), "{r}");
+    let offer = seeder.recv().await;
+    assert_eq!(offer["peer_id"], json!(num_id(b'l', 0)));
+    // What could not cross while NATS was away was counted, on some instance.
+    let lost: u64 = trackers
+        .iter()
+        .map(|t| {
+            let (_, _, text) = http_get(t, "/metrics");
+            text.lines()
+                .filter(|l| l.starts_with("tidepool_cluster_lost_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum();
+    assert!(lost > 0, "losses during the outage were counted");
+    for t in trackers {
+        t.shutdown();
+    }
+}

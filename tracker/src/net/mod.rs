@@ -803,7 +803,7 @@ impl EventLoop {
             self.failure(
                 slot,
                 ErrorKind::ScrapeTimeout,
-                "scrape timed out (the tracker is overloaded); retry later",
+                "scrape timed out (a part was not answered in time: overload, or a cluster member that did not answer); retry later",
                 Action::Scrape,
                 None,
             );
