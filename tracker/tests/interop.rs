@@ -230,7 +230,47 @@ impl Drop for KillOnDrop {
 fn webtorrent_processes_move_a_file_by_magnet_through_tidepool() {
     let _serial = serial();
     let tracker = start(config(2, 2));
-    let dir = temp_dir("webtorrent");
+    webtorrent_transfer(&tracker.url(), &tracker.url(), "webtorrent");
+    tracker.shutdown();
+}
+
+/// The seeder announces to instance A only and the leecher to instance B only (the magnet's
+/// `tr=` is stripped): every offer and answer between them crosses NATS.
+#[test]
+fn webtorrent_processes_move_a_file_with_seeder_and_leecher_on_different_cluster_instances() {
+    let _serial = serial();
+    let nats = Nats::start();
+    let with_metrics = |name| {
+        let mut c = cluster_config(&nats.url(), name);
+        c.metrics.listen = Some("127.0.0.1:0".parse().expect("addr"));
+        c
+    };
+    let a = start(with_metrics("a"));
+    let b = start(with_metrics("b"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(wait_for_cluster(&[&a, &b], 2));
+    webtorrent_transfer(&a.url(), &b.url(), "webtorrent-cluster");
+    let crossed: u64 = [(&a, "a"), (&b, "b")]
+        .iter()
+        .map(|(t, name)| {
+            let (_, _, text) = http_get(t, "/metrics");
+            sample(
+                &text,
+                &format!(
+                    "tidepool_cluster_items_total{{cluster_member=\"{name}\",direction=\"sent\"}}"
+                ),
+            )
+        })
+        .sum();
+    // Offers or the announces carrying them, and answers: whichever instance owns the swarm.
+    assert!(crossed >= 2, "signaling crossed the bus: {crossed} items");
+    a.shutdown();
+    b.shutdown();
+}
+
+/// A real webtorrent seeder on `seed_url` and a real leecher on `fetch_url` move a file.
+fn webtorrent_transfer(seed_url: &str, fetch_url: &str, tag: &str) {
+    let dir = temp_dir(tag);
     let script = interop_dir().join("webtorrent-transfer.mjs");
     let payload: Vec<u8> = (0..2_500_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -241,7 +281,7 @@ fn webtorrent_processes_move_a_file_by_magnet_through_tidepool() {
     let mut seeder = KillOnDrop(
         Command::new("node")
             .arg(&script)
-            .args(["seed", "--tracker", &tracker.url(), "--file"])
+            .args(["seed", "--tracker", seed_url, "--file"])
             .arg(&source)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -264,11 +304,22 @@ fn webtorrent_processes_move_a_file_by_magnet_through_tidepool() {
     assert!(
         magnet.contains(&format!(
             "tr={}",
-            tracker.url().replace(':', "%3A").replace('/', "%2F")
+            seed_url.replace(':', "%3A").replace('/', "%2F")
         )),
         "{magnet}"
     );
 
+    // Only the fetch tracker: without the magnet's own `tr=`, the leecher cannot reach the
+    // seeder's instance directly.
+    let magnet = if seed_url == fetch_url {
+        magnet
+    } else {
+        magnet
+            .split('&')
+            .filter(|p| !p.starts_with("tr="))
+            .collect::<Vec<_>>()
+            .join("&")
+    };
     let out_dir = dir.join("out");
     std::fs::create_dir_all(&out_dir).expect("out dir");
     let mut fetch = Command::new("node");
@@ -277,7 +328,7 @@ fn webtorrent_processes_move_a_file_by_magnet_through_tidepool() {
         .args([
             "fetch",
             "--tracker",
-            &tracker.url(),
+            fetch_url,
             "--magnet",
             &magnet,
             "--out",
@@ -296,6 +347,5 @@ fn webtorrent_processes_move_a_file_by_magnet_through_tidepool() {
         payload.len()
     );
     drop(seeder);
-    tracker.shutdown();
     let _ = std::fs::remove_dir_all(dir);
 }
