@@ -141,3 +141,74 @@ fn connections_spread_over_several_urls_and_count_what_crosses_between_them() {
     );
     t.shutdown();
 }
+
+/// A `nats-server` on a free loopback port, killed when dropped (CI installs it).
+struct Nats(std::process::Child, u16);
+
+impl Nats {
+    fn start() -> Nats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs (apt-get install nats-server)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "nats-server listens");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Nats(child, port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_run_across_three_cluster_instances_delivers_every_offer_and_answer() {
+    let nats = Nats::start();
+    let trackers: Vec<Tracker> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            let mut c = Config::default();
+            c.network.listen = "127.0.0.1:0".parse().expect("addr");
+            c.network.max_messages_per_second = 0;
+            c.cluster.nats_url = Some(format!("nats://127.0.0.1:{}", nats.1));
+            c.cluster.name = Some((*name).to_owned());
+            c.cluster.heartbeat_interval_ms = 100;
+            Tracker::start(c).expect("tracker starts")
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while trackers.iter().any(|t| t.cluster_size() != 3) {
+        assert!(std::time::Instant::now() < deadline, "the cluster forms");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = run(TrackerLoadConfig {
+        urls: trackers.iter().map(Tracker::url).collect(),
+        connections: 30,
+        info_hashes: 12,
+        duration: 2,
+        drain: 1,
+        quiet: true,
+        ..TrackerLoadConfig::default()
+    })
+    .expect("load runs");
+    assert_nothing_lost(&r);
+    let c = &r.totals;
+    // Each swarm has connections on all three instances: most offers and answers cross.
+    assert!(c.offers_crossed * 2 > c.offers_received, "{c:?}");
+    assert!(c.answers_crossed * 2 > c.answers_received, "{c:?}");
+    for t in trackers {
+        t.shutdown();
+    }
+}
