@@ -248,6 +248,14 @@ pub struct TrackerLoadResult {
     pub answers_lost: u64,
     /// Announce → announce response latency.
     pub latency: Latency,
+    /// Offer delivery latency (the offerer sends its announce → the recipient reads the
+    /// offer), for offers between connections of the same tracker URL.
+    #[serde(default)]
+    pub offer_latency: Latency,
+    /// The same for offers that crossed from one tracker URL's connections to another's
+    /// (several `--url`s: against a cluster, what crossing instances costs).
+    #[serde(default)]
+    pub offer_latency_crossed: Latency,
     /// Whether the tracker answers an answer with an announce response (probed at start).
     pub answers_get_responses: bool,
     /// Per-second deltas during the load.
@@ -323,6 +331,7 @@ async fn run_async(config: TrackerLoadConfig) -> anyhow::Result<TrackerLoadResul
         .await
         .context("probing the tracker (announce, offer, answer)")?;
     let started = Instant::now();
+    let epoch = started;
     let load_end = started + Duration::from_secs(config.duration);
     let drain_end = load_end + Duration::from_secs(config.drain);
 
@@ -334,6 +343,7 @@ async fn run_async(config: TrackerLoadConfig) -> anyhow::Result<TrackerLoadResul
         connector,
         drain_end,
         answers_acked,
+        epoch,
     });
     let mut tasks = Vec::with_capacity(config.connections);
     for i in 0..config.connections {
@@ -373,11 +383,23 @@ async fn run_async(config: TrackerLoadConfig) -> anyhow::Result<TrackerLoadResul
     let seconds = started.elapsed().as_secs_f64();
 
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?;
+    let mut offer_hist = hist.clone();
+    let mut crossed_hist = hist.clone();
     for t in tasks {
         if let Ok(h) = t.await {
-            let _ = hist.add(&h);
+            let _ = hist.add(&h.announce);
+            let _ = offer_hist.add(&h.offer);
+            let _ = crossed_hist.add(&h.offer_crossed);
         }
     }
+    let latency = |hist: &Histogram<u64>| Latency {
+        count: hist.len(),
+        p50_us: hist.value_at_quantile(0.5),
+        p90_us: hist.value_at_quantile(0.9),
+        p99_us: hist.value_at_quantile(0.99),
+        p999_us: hist.value_at_quantile(0.999),
+        max_us: hist.max(),
+    };
     let totals = counters.snapshot();
     let result = TrackerLoadResult {
         tester: "tidepool-load-test".into(),
@@ -392,14 +414,9 @@ async fn run_async(config: TrackerLoadConfig) -> anyhow::Result<TrackerLoadResul
             .offers_expected
             .saturating_sub(totals.offers_received),
         answers_lost: totals.answers_sent.saturating_sub(totals.answers_received),
-        latency: Latency {
-            count: hist.len(),
-            p50_us: hist.value_at_quantile(0.5),
-            p90_us: hist.value_at_quantile(0.9),
-            p99_us: hist.value_at_quantile(0.99),
-            p999_us: hist.value_at_quantile(0.999),
-            max_us: hist.max(),
-        },
+        latency: latency(&hist),
+        offer_latency: latency(&offer_hist),
+        offer_latency_crossed: latency(&crossed_hist),
         samples,
         answers_get_responses: answers_acked,
     };
@@ -461,6 +478,17 @@ fn print_summary(r: &TrackerLoadResult) {
         r.latency.max_us,
         r.latency.count
     );
+    for (what, l) in [
+        ("offer sent→delivered", &r.offer_latency),
+        ("  …crossing URLs", &r.offer_latency_crossed),
+    ] {
+        if l.count > 0 {
+            println!(
+                "  latency    {what} p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs ({} samples)",
+                l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.count
+            );
+        }
+    }
     println!(
         "  tracker    {} announce responses to answers",
         if r.answers_get_responses {
@@ -489,9 +517,50 @@ struct Shared {
     connector: Option<Connector>,
     drain_end: Instant,
     answers_acked: bool,
+    /// Time zero for the send times offer ids carry.
+    epoch: Instant,
 }
 
-async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
+/// One connection's latency samples.
+struct Histograms {
+    announce: Histogram<u64>,
+    offer: Histogram<u64>,
+    offer_crossed: Histogram<u64>,
+}
+
+impl Histograms {
+    /// An offer's delivery time, from the send time its id carries, as seen by connection
+    /// `me` (crossing URLs or not).
+    fn record_offer(&mut self, kind: &Kind, epoch: Instant, me: usize, urls: usize) {
+        if let Kind::Offer(from, offer_id, _) = kind
+            && let Some(sent) = offer_sent_us(offer_id)
+        {
+            let took = (epoch.elapsed().as_micros() as u64)
+                .saturating_sub(sent)
+                .max(1);
+            let h = if crossed(from, me, urls) {
+                &mut self.offer_crossed
+            } else {
+                &mut self.offer
+            };
+            let _ = h.record(took);
+        }
+    }
+}
+
+/// Offer ids carry their send time: microseconds since the run's epoch, times 64, plus the
+/// offer's index in its announce (so ids stay distinct per connection).
+fn offer_number(sent_us: u64, i: usize) -> u64 {
+    sent_us * 64 + i as u64
+}
+
+/// The send time an offer id carries, if it is one of ours.
+fn offer_sent_us(offer_id: &OfferId) -> Option<u64> {
+    let bytes = offer_id.to_bytes20()?;
+    Some(std::str::from_utf8(&bytes[1..]).ok()?.parse::<u64>().ok()? / 64)
+}
+
+async fn connection(index: usize, shared: Arc<Shared>) -> Histograms {
     let Shared {
         config,
         counters,
@@ -500,17 +569,27 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
         connector,
         drain_end,
         answers_acked,
+        epoch,
     } = &*shared;
-    let (connector, drain_end, answers_acked) = (connector.clone(), *drain_end, *answers_acked);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .unwrap_or_else(|_| unreachable!("valid bounds"));
+    let (connector, drain_end, answers_acked, epoch) =
+        (connector.clone(), *drain_end, *answers_acked, *epoch);
+    let new = || {
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+            .unwrap_or_else(|_| unreachable!("valid bounds"))
+    };
+    let mut hists = Histograms {
+        announce: new(),
+        offer: new(),
+        offer_crossed: new(),
+    };
+
     let url = &config.urls[index % config.urls.len()];
     let connect = tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector);
     let mut ws: Ws = match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok((ws, _))) => ws,
         _ => {
             counters.connect_failures.fetch_add(1, Ordering::Relaxed);
-            return hist;
+            return hists;
         }
     };
     let mut rng = fastrand::Rng::with_seed(index as u64 * 7919 + 1);
@@ -544,6 +623,7 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
             .encode(&mut buf);
         } else {
             counters.announces_sent.fetch_add(1, Ordering::Relaxed);
+            let sent_us = epoch.elapsed().as_micros() as u64;
             AnnounceRequest {
                 info_hash,
                 peer_id,
@@ -558,7 +638,7 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
                 left: Some(Number::UInt(1)),
                 offers: (0..config.offers)
                     .map(|i| Offer {
-                        offer_id: OfferId::from_bytes20(&id_bytes(b'o', round * 64 + i as u64)),
+                        offer_id: OfferId::from_bytes20(&id_bytes(b'o', offer_number(sent_us, i))),
                         offer: OpaqueJson::Sdp {
                             kind: "offer",
                             sdp: &offer_sdp,
@@ -600,15 +680,8 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
             };
             let kind = decoder.decode_server(&mut frame, |m| classify(m.ok().as_ref()));
             count(&kind, counters);
-            match &kind {
-                Kind::Offer(from, ..) if crossed(from, index, config.urls.len()) => {
-                    counters.offers_crossed.fetch_add(1, Ordering::Relaxed);
-                }
-                Kind::Answer(from) if crossed(from, index, config.urls.len()) => {
-                    counters.answers_crossed.fetch_add(1, Ordering::Relaxed);
-                }
-                _ => {}
-            }
+            hists.record_offer(&kind, epoch, index, config.urls.len());
+            count_crossed(&kind, counters, index, config.urls.len());
             match kind {
                 Kind::Offer(from, offer_id, offer_hash)
                     if rng.f64() < config.answer_fraction && !stop.load(Ordering::Relaxed) =>
@@ -647,7 +720,9 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
                     acks_after = acks_after.saturating_sub(1)
                 }
                 Kind::AnnounceResponse(size) => {
-                    let _ = hist.record(sent_at.elapsed().as_micros().max(1) as u64);
+                    let _ = hists
+                        .announce
+                        .record(sent_at.elapsed().as_micros().max(1) as u64);
                     let forwarded = (config.offers as u64).min(size.saturating_sub(1));
                     counters
                         .offers_expected
@@ -667,12 +742,14 @@ async fn connection(index: usize, shared: Arc<Shared>) -> Histogram<u64> {
             Next::Frame(mut frame) => {
                 let kind = decoder.decode_server(&mut frame, |m| classify(m.ok().as_ref()));
                 count(&kind, counters);
+                count_crossed(&kind, counters, index, config.urls.len());
+                hists.record_offer(&kind, epoch, index, config.urls.len());
             }
             _ => break,
         }
     }
     let _ = ws.close(None).await;
-    hist
+    hists
 }
 
 /// The connection index a tester peer id encodes (`id_bytes(b'-', index)`).
@@ -780,6 +857,19 @@ fn count(kind: &Kind, c: &Counters) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Counts offers and answers that came from another URL's connection.
+fn count_crossed(kind: &Kind, c: &Counters, me: usize, urls: usize) {
+    match kind {
+        Kind::Offer(from, ..) if crossed(from, me, urls) => {
+            c.offers_crossed.fetch_add(1, Ordering::Relaxed);
+        }
+        Kind::Answer(from) if crossed(from, me, urls) => {
+            c.answers_crossed.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
 enum Next {
     Frame(Vec<u8>),
     Timeout,
@@ -828,6 +918,13 @@ mod tests {
         assert_eq!(index_of(&peer), Some(12345));
         assert!(crossed(&peer, 12344, 2) && !crossed(&peer, 12347, 2));
         assert!(!crossed(&peer, 12344, 1));
+    }
+
+    #[test]
+    fn offer_ids_carry_their_send_time() {
+        let id = OfferId::from_bytes20(&id_bytes(b'o', offer_number(123_456_789, 5)));
+        assert_eq!(offer_sent_us(&id), Some(123_456_789));
+        assert_eq!(offer_sent_us(&OfferId::new("foreign").expect("fits")), None);
     }
 
     #[test]

@@ -208,6 +208,13 @@ fn a_run_across_three_cluster_instances_delivers_every_offer_and_answer() {
     // Each swarm has connections on all three instances: most offers and answers cross.
     assert!(c.offers_crossed * 2 > c.offers_received, "{c:?}");
     assert!(c.answers_crossed * 2 > c.answers_received, "{c:?}");
+    // Every offer's delivery time was measured, crossing ones apart.
+    assert_eq!(
+        r.offer_latency.count + r.offer_latency_crossed.count,
+        c.offers_received
+    );
+    assert_eq!(r.offer_latency_crossed.count, c.offers_crossed);
+    assert!(r.offer_latency_crossed.p50_us > 0);
     for t in trackers {
         t.shutdown();
     }
