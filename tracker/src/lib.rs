@@ -15,11 +15,12 @@
 //!   connection was last heard from (peer id takeover). `full_scrape`: the shared snapshot.
 //! - [`access`]: allow/deny lists of info hashes, swapped whole on reload.
 //! - [`auth`]: signed tokens for private pools — keys, claims, verification, issuing.
-//! - [`cluster`]: cluster membership and shard ownership, sans-IO (virtual shards, heartbeats,
-//!   rendezvous hashing); not yet wired to a bus.
+//! - [`cluster`]: several instances sharing swarms through NATS — membership and shard
+//!   ownership, sans-IO (`cluster/mod.rs`), the binary batch format (`cluster/wire.rs`) and
+//!   the bridge that carries requests and replies between instances (`cluster/bridge.rs`).
 //! - `tls`: certificate loading and hot reload. `proxy`: client addresses behind proxies and
 //!   the per-address limit. `metrics`: counters; `stats`: the `/metrics` and `/stats` HTTP
-//!   endpoint.
+//!   endpoint (axum; the exposition is `prometheus-client`'s).
 
 pub mod access;
 pub mod auth;

@@ -523,3 +523,22 @@ async fn nats_restarted_under_load_crashes_nothing_counts_losses_and_service_res
         t.shutdown();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_started_before_nats_serves_alone_then_joins_when_nats_comes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let a = start(cluster_config(&url, "a"));
+    let mut c = Client::connect(&a.url()).await;
+    let h = spread(b'e', 1);
+    let r = c.announce(&h, &num_id(b'p', 1), json!({})).await;
+    assert_eq!(r["incomplete"], json!(1), "served alone: {r}");
+    let _nats = Nats::start_on(port);
+    let b = start(cluster_config(&url, "b"));
+    wait_for_cluster(&[&a, &b], 2).await;
+    a.shutdown();
+    b.shutdown();
+}
