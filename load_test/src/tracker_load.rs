@@ -27,7 +27,9 @@ pub struct TrackerLoadConfig {
     /// Tracker URL (ws:// or wss://). Repeat it to spread the connections over several
     /// tracker instances (connection i uses URL i mod n); offers and answers that cross from
     /// one URL's connections to another's are counted apart.
-    #[arg(long = "url", default_value = "ws://127.0.0.1:8000")]
+    // The id is the config key, so a flag given on the command line is seen to win over
+    // the config file (main.rs looks flags up by their config key).
+    #[arg(id = "url", long = "url", default_value = "ws://127.0.0.1:8000")]
     #[serde(rename = "url", deserialize_with = "one_or_many")]
     pub urls: Vec<String>,
     /// WebSocket connections to open.

@@ -219,3 +219,42 @@ fn a_run_across_three_cluster_instances_delivers_every_offer_and_answer() {
         t.shutdown();
     }
 }
+
+#[test]
+fn flags_given_on_the_command_line_win_over_the_defaults_and_the_config_file() {
+    let dir = std::env::temp_dir().join(format!("tidepool-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("load.toml");
+    std::fs::write(
+        &file,
+        "url = \"ws://file:1\"\nconnections = 7\nduration = 3\n",
+    )
+    .expect("written");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool-load-test"))
+        .args(["tracker", "--config"])
+        .arg(&file)
+        .args([
+            "--url",
+            "ws://a:1",
+            "--url",
+            "ws://b:2",
+            "--duration",
+            "9",
+            "--print-config",
+        ])
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("url = [\"ws://a:1\", \"ws://b:2\"]"),
+        "{text}"
+    );
+    assert!(text.contains("connections = 7"), "from the file: {text}");
+    assert!(text.contains("duration = 9"), "the flag wins: {text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
