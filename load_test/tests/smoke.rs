@@ -185,6 +185,7 @@ fn a_run_across_three_cluster_instances_delivers_every_offer_and_answer() {
             c.cluster.nats_url = Some(format!("nats://127.0.0.1:{}", nats.1));
             c.cluster.name = Some((*name).to_owned());
             c.cluster.heartbeat_interval_ms = 100;
+            c.cluster.heartbeats_missed = 10;
             Tracker::start(c).expect("tracker starts")
         })
         .collect();

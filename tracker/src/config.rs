@@ -276,8 +276,9 @@ pub struct ClusterConfig {
     pub max_members: usize,
     /// Milliseconds a cross-instance request for `/stats` waits for each member.
     pub request_timeout_ms: u64,
-    /// Largest batch published at once, in bytes (below the NATS server's `max_payload`,
-    /// 1 MiB by default).
+    /// Largest batch published at once, in bytes (the NATS server's `max_payload`, 1 MiB by
+    /// default, lowers it further when smaller; an item too large for either is counted
+    /// lost as `too_large`).
     pub max_batch_bytes: usize,
 }
 
@@ -376,9 +377,9 @@ impl Config {
             {
                 return fail("cluster.subject_prefix must be letters, digits, '_', '-' or '.'");
             }
-            if c.max_batch_bytes < 2 * n.max_message_size.min(1 << 20) + 1024 {
+            if c.max_batch_bytes < n.max_message_size.saturating_add(4096) {
                 return fail(
-                    "cluster.max_batch_bytes must hold two max-size messages (network.max_message_size)",
+                    "cluster.max_batch_bytes must hold a max-size message (network.max_message_size) and 4 KiB more",
                 );
             }
         }

@@ -533,7 +533,7 @@ impl Metrics {
         per_shard(
             &mut out,
             "tidepool_swarm_closes_total",
-            "Closed-connection notices handled (never dropped).",
+            "Closed-connection notices handled (this instance's are never dropped; one from another cluster instance that finds the inbox full is counted in tidepool_cluster_lost_total).",
             "counter",
             &|s| s.closes.load(Relaxed),
         );

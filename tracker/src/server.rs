@@ -237,6 +237,8 @@ pub struct Tracker {
     /// The runtime of the metrics endpoint and the cluster bridge, when either is on.
     runtime: Option<tokio::runtime::Runtime>,
     stop_stats: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The cluster's `cluster-out` thread: stopped after the workers, before the goodbye.
+    cluster_out: Option<JoinHandle<()>>,
 }
 
 impl Tracker {
@@ -349,6 +351,7 @@ impl Tracker {
         } else {
             None
         };
+        let mut cluster_out = None;
         if let (Some(url), Some(rt)) = (&config.cluster.nats_url, &runtime) {
             let name = config
                 .cluster
@@ -376,7 +379,7 @@ impl Tracker {
                 totals,
             )?;
             let _ = shared.cluster.set(cluster);
-            threads.push(sender);
+            cluster_out = Some(sender);
         }
         let cluster = shared.cluster.get().cloned();
         for (index, (rx, closes)) in swarm_rxs.into_iter().enumerate() {
@@ -451,6 +454,7 @@ impl Tracker {
             threads,
             runtime,
             stop_stats,
+            cluster_out,
         })
     }
 
@@ -520,9 +524,6 @@ impl Tracker {
 
     /// Closes every connection with a close frame and stops all threads.
     pub fn shutdown(mut self) {
-        if let Some(cluster) = self.shared.cluster.get() {
-            cluster.leave();
-        }
         self.shared.shutdown.store(true, Ordering::Relaxed);
         for waker in &self.wakers {
             let _ = waker.wake();
@@ -533,6 +534,16 @@ impl Tracker {
         }
         for thread in self.threads {
             let _ = thread.join();
+        }
+        // In this order: the workers are done, so what they handed the bridge is published;
+        // then the goodbye, after which nothing more is sent (the others refuse this
+        // instance for a while, and purge its peers at once).
+        if let Some(cluster) = self.shared.cluster.get() {
+            cluster.stop_sending();
+            if let Some(out) = self.cluster_out.take() {
+                let _ = out.join();
+            }
+            cluster.leave();
         }
         if let Some(runtime) = self.runtime.take() {
             // On a thread of its own: the caller may be inside another runtime, where

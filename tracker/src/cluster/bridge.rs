@@ -84,14 +84,23 @@ pub(crate) struct BusCounters {
     pub(crate) unsent_lane_full: AtomicU64,
     /// Items not published: NATS was unreachable, or refused them.
     pub(crate) unsent_disconnected: AtomicU64,
-    /// Outputs for a connection on an instance that is no longer a member.
+    /// Requests and outputs for an instance that is no longer a member.
     pub(crate) unsent_gone: AtomicU64,
+    /// Items larger than a batch may be (`max_batch_bytes`, or the server's `max_payload`).
+    pub(crate) unsent_too_large: AtomicU64,
     /// Items the receiver never saw: gaps in a sender's sequence.
     pub(crate) lost_on_bus: AtomicU64,
     /// Items received that a local worker's channel refused (full).
     pub(crate) undelivered: AtomicU64,
-    /// Batches that did not decode, or came from an instance with a different shard count.
+    /// Batches that did not decode, came from an instance with a different shard count, or
+    /// items naming connections their sender does not hold (or nothing at all).
     pub(crate) malformed: AtomicU64,
+    /// Requests received for a shard this instance does not own (the sender's view of the
+    /// members differed, briefly, during a change): served here anyway, and dropped with
+    /// their swarm at the next cleaning.
+    pub(crate) misrouted: AtomicU64,
+    /// Heartbeats that could not be published (NATS away or slow).
+    pub(crate) heartbeats_unsent: AtomicU64,
     /// Heartbeats refused: a full member table or a different shard count.
     pub(crate) heartbeats_refused: AtomicU64,
     pub(crate) heartbeats_sent: AtomicU64,
@@ -159,10 +168,15 @@ pub(crate) struct Cluster {
     members: Mutex<Vec<MemberView>>,
     client: async_nats::Client,
     prefix: String,
+    shards: u32,
     request_timeout: Duration,
     runtime: tokio::runtime::Handle,
-    /// Set by [`Cluster::leave`]: the loops end.
+    /// Set by [`Cluster::leave`]: the receiving and heartbeat loops end.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Set by [`Cluster::stop_sending`]: `cluster-out` ends once its lane is empty.
+    stop_out: std::sync::atomic::AtomicBool,
+    /// The batch limit: `max_batch_bytes`, or less when the server's `max_payload` is.
+    max_batch: usize,
     /// This instance's own totals for stats requests, filled by the tracker.
     pub(crate) totals: Box<dyn Fn() -> MemberTotals + Send + Sync>,
 }
@@ -187,6 +201,8 @@ pub(crate) struct Local {
 /// Items a turn of the out thread takes before publishing, so a burst is cut into batches
 /// of bounded size and latency.
 const ITEMS_PER_TURN: usize = 4096;
+/// Batches the receiver takes from the bus in one turn before it looks at its other subjects.
+const DRAIN_PER_TURN: usize = 256;
 /// Longest a publish may wait for room in the NATS client's queue before it is counted lost.
 const PUBLISH_WAIT: Duration = Duration::from_millis(200);
 
@@ -271,6 +287,8 @@ impl Cluster {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let cluster = Arc::new(Cluster {
             stop,
+            stop_out: std::sync::atomic::AtomicBool::new(false),
+            max_batch: config.max_batch_bytes,
             me,
             name,
             routes: Swap::new(Routes::of(&membership)),
@@ -279,6 +297,7 @@ impl Cluster {
             members: Mutex::new(Vec::new()),
             client,
             prefix,
+            shards: config.shards,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             runtime: runtime.handle().clone(),
             totals,
@@ -297,13 +316,21 @@ impl Cluster {
             reconnects,
             heartbeat: Duration::from_millis(config.heartbeat_interval_ms),
             shards: config.shards,
+            warned: std::collections::HashSet::new(),
         };
+        // Heartbeats on a task of their own: a busy receiver (a flood of batches, a slow
+        // stats request) must not delay them, or the others would take this one for dead.
+        runtime.spawn(beat_loop(
+            cluster.clone(),
+            Duration::from_millis(config.heartbeat_interval_ms),
+            config.shards,
+            stopped.clone(),
+        ));
         runtime.spawn(receiver.run(data, beats, stats, stopped));
         let out = cluster.clone();
-        let max_batch = config.max_batch_bytes;
         let sender = std::thread::Builder::new()
             .name("cluster-out".into())
-            .spawn(move || out.send_loop(&lane_rx, max_batch))?;
+            .spawn(move || out.send_loop(&lane_rx))?;
         Ok((cluster, sender))
     }
 
@@ -436,6 +463,7 @@ impl Cluster {
             ("lane_full", &c.unsent_lane_full),
             ("disconnected", &c.unsent_disconnected),
             ("member_gone", &c.unsent_gone),
+            ("too_large", &c.unsent_too_large),
             ("on_bus", &c.lost_on_bus),
             ("inbox_full", &c.undelivered),
         ] {
@@ -450,8 +478,15 @@ impl Cluster {
         sample(&mut out, &[], get(&c.malformed));
         family(
             &mut out,
+            "tidepool_cluster_misrouted_total",
+            "Requests received for a shard this instance does not own (views of the members differed during a change); served here, dropped at the next cleaning.",
+            "counter",
+        );
+        sample(&mut out, &[], get(&c.misrouted));
+        family(
+            &mut out,
             "tidepool_cluster_heartbeats_total",
-            "Heartbeats sent, and heartbeats refused (unreadable, another shard count, a full member table).",
+            "Heartbeats sent, refused (unreadable, another shard count, a full member table, a member that left) and not sent (NATS away).",
             "counter",
         );
         sample(
@@ -464,6 +499,11 @@ impl Cluster {
             &[("kind", "refused".into())],
             get(&c.heartbeats_refused),
         );
+        sample(
+            &mut out,
+            &[("kind", "unsent".into())],
+            get(&c.heartbeats_unsent),
+        );
         family(
             &mut out,
             "tidepool_cluster_membership_changes_total",
@@ -475,8 +515,15 @@ impl Cluster {
         out
     }
 
+    /// Tells `cluster-out` to end once what the workers handed it is published (join its
+    /// thread, then [`Cluster::leave`]).
+    pub(crate) fn stop_sending(&self) {
+        self.stop_out.store(true, Relaxed);
+    }
+
     /// Says goodbye on the bus (members drop this one at once instead of after missed
-    /// heartbeats), flushes, and ends the loops.
+    /// heartbeats, and refuse anything it sent before for a timeout), flushes, and ends the
+    /// loops. Called last at shutdown, once nothing else will be published.
     pub(crate) fn leave(&self) {
         self.stop.send_replace(true);
         let beat = Heartbeat {
@@ -501,18 +548,23 @@ impl Cluster {
     }
 
     /// The `cluster-out` thread: drains the lane, groups items per destination into batches
-    /// of at most `max_batch` bytes and publishes them, until every sender is gone.
-    fn send_loop(&self, lane: &Rx<Outbound>, max_batch: usize) {
+    /// of at most `max_batch` bytes and publishes them, until told to stop.
+    fn send_loop(&self, lane: &Rx<Outbound>) {
         let mut streams: HashMap<InstanceId, Stream> = HashMap::new();
         let mut routes = crate::access::View::new(&self.routes);
         loop {
             let first = match lane.recv_timeout(Duration::from_millis(100)) {
                 Ok(item) => item,
-                Err(RecvTimeoutError::Timeout) if *self.stop.borrow() => return,
+                Err(RecvTimeoutError::Timeout) if self.stop_out.load(Relaxed) => return,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             routes.refresh(&self.routes);
+            // The server's limit, once known (a batch over it would be refused whole).
+            let limit = match self.client.server_info().max_payload {
+                0 => self.max_batch,
+                server => self.max_batch.min(server.saturating_sub(1024)),
+            };
             let mut next = Some(first);
             let mut taken = 0;
             while let Some(outbound) = next.take() {
@@ -539,13 +591,37 @@ impl Cluster {
                         offers: 0,
                     });
                     if stream.count == 0 {
-                        wire::begin(&mut stream.buf, self.me, stream.seq + 1, stream.sent);
+                        wire::begin(
+                            &mut stream.buf,
+                            self.me,
+                            self.shards,
+                            stream.seq + 1,
+                            stream.sent,
+                        );
                     }
+                    let start = stream.buf.len();
                     wire::push(&mut stream.buf, &item);
-                    stream.count += 1;
-                    stream.offers += u64::from(offer);
-                    if stream.buf.len() >= max_batch {
-                        self.publish(stream);
+                    let size = stream.buf.len() - start;
+                    if wire::HEADER_BYTES + size > limit {
+                        stream.buf.truncate(start);
+                        self.counters.unsent_too_large.fetch_add(1, Relaxed);
+                    } else {
+                        if stream.buf.len() > limit {
+                            // This item would take the batch over: the batch goes without
+                            // it, and it starts the next.
+                            let item = stream.buf.split_off(start);
+                            self.publish(stream);
+                            wire::begin(
+                                &mut stream.buf,
+                                self.me,
+                                self.shards,
+                                stream.seq + 1,
+                                stream.sent,
+                            );
+                            stream.buf.extend_from_slice(&item);
+                        }
+                        stream.count += 1;
+                        stream.offers += u64::from(offer);
                     }
                 }
                 if taken < ITEMS_PER_TURN {
@@ -593,7 +669,8 @@ impl Cluster {
             stream.reset();
             return;
         }
-        let payload = bytes::Bytes::copy_from_slice(&stream.buf);
+        // The buffer itself goes out (no copy); the stream starts its next batch in a new one.
+        let payload = bytes::Bytes::from(std::mem::take(&mut stream.buf));
         let len = payload.len() as u64;
         let client = &self.client;
         let subject = stream.subject.clone();
@@ -614,6 +691,42 @@ impl Cluster {
     }
 }
 
+/// Publishes a heartbeat every `interval` until told to stop.
+async fn beat_loop(
+    cluster: Arc<Cluster>,
+    interval: Duration,
+    shards: u32,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let beat = Heartbeat {
+        v: 1,
+        id: format!("{:016x}", cluster.me.0),
+        name: cluster.name.clone(),
+        shards,
+        leaving: false,
+    };
+    let payload = bytes::Bytes::from(serde_json::to_vec(&beat).unwrap_or_default());
+    let subject = format!("{}.hb", cluster.prefix);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        let c = &cluster.counters;
+        if cluster.client.connection_state() != State::Connected {
+            bump(&c.heartbeats_unsent, 1);
+            continue;
+        }
+        let sent = cluster.client.publish(subject.clone(), payload.clone());
+        match tokio::time::timeout(PUBLISH_WAIT, sent).await {
+            Ok(Ok(())) => bump(&c.heartbeats_sent, 1),
+            _ => bump(&c.heartbeats_unsent, 1),
+        }
+    }
+}
+
 /// The receiving side: one task owning the membership table.
 struct Receiver {
     cluster: Arc<Cluster>,
@@ -625,6 +738,9 @@ struct Receiver {
     reconnects: Arc<AtomicU64>,
     heartbeat: Duration,
     shards: u32,
+    /// Members warned about for another shard count (at most 64, so a flood of forged
+    /// heartbeats cannot flood the log).
+    warned: std::collections::HashSet<InstanceId>,
 }
 
 impl Receiver {
@@ -643,7 +759,6 @@ impl Receiver {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    self.beat().await;
                     let gone = self.membership.expire(Instant::now());
                     if !gone.is_empty() {
                         for id in &gone {
@@ -666,8 +781,12 @@ impl Receiver {
                     self.receive(&message.payload, &mut touched);
                     // Whatever else is already here goes in the same turn, then one wake
                     // per socket worker.
-                    while let Some(Some(message)) = futures_util::FutureExt::now_or_never(data.next()) {
-                        self.receive(&message.payload, &mut touched);
+                    // (Bounded, so a flood cannot hold off the ticks and the other subjects.)
+                    for _ in 0..DRAIN_PER_TURN {
+                        match futures_util::FutureExt::now_or_never(data.next()) {
+                            Some(Some(message)) => self.receive(&message.payload, &mut touched),
+                            _ => break,
+                        }
                     }
                     for (w, t) in touched.iter_mut().enumerate() {
                         if std::mem::take(t)
@@ -681,33 +800,12 @@ impl Receiver {
                     if let Some(reply) = message.reply {
                         let totals = (cluster.totals)();
                         let body = serde_json::to_vec(&totals).unwrap_or_default();
-                        let _ = cluster.client.publish(reply, body.into()).await;
+                        let reply = cluster.client.publish(reply, body.into());
+                        let _ = tokio::time::timeout(PUBLISH_WAIT, reply).await;
                     }
                 }
                 _ = stopped.changed() => return,
                 else => return,
-            }
-        }
-    }
-
-    async fn beat(&self) {
-        let c = &self.cluster;
-        let beat = Heartbeat {
-            v: 1,
-            id: format!("{:016x}", c.me.0),
-            name: c.name.clone(),
-            shards: self.shards,
-            leaving: false,
-        };
-        if c.client.connection_state() != State::Connected {
-            return;
-        }
-        if let Ok(payload) = serde_json::to_vec(&beat) {
-            let subject = format!("{}.hb", c.prefix);
-            let sent =
-                tokio::time::timeout(PUBLISH_WAIT, c.client.publish(subject, payload.into()));
-            if matches!(sent.await, Ok(Ok(()))) {
-                bump(&c.counters.heartbeats_sent, 1);
             }
         }
     }
@@ -725,38 +823,38 @@ impl Receiver {
         if id == self.cluster.me {
             return;
         }
+        let name: String = beat.name.chars().take(64).collect();
+        let now = Instant::now();
         if beat.leaving {
-            if self.membership.left(id) {
-                tracing::info!(name = beat.name, "cluster member left");
+            if self.membership.left(id, now) {
+                tracing::info!(name, "cluster member left");
                 bump(&c.departures, 1);
-                self.streams.remove(&id);
                 self.publish_routes();
             }
             return;
         }
         if beat.shards != self.shards {
-            // Two shard counts would disagree on every owner: refuse it, loudly.
+            // Two shard counts would disagree on every owner: refuse it, loudly, once per
+            // instance (a bounded memory of whom we warned about).
             bump(&c.heartbeats_refused, 1);
-            tracing::warn!(
-                name = beat.name,
-                shards = beat.shards,
-                "ignoring a cluster member with another cluster.shards (ours: {})",
-                self.shards
-            );
+            if self.warned.len() < 64 && self.warned.insert(id) {
+                tracing::warn!(
+                    name,
+                    shards = beat.shards,
+                    "ignoring a cluster member with another cluster.shards (ours: {})",
+                    self.shards
+                );
+            }
             return;
         }
-        match self.membership.heard(id, &beat.name, Instant::now()) {
-            Some(Heard::Joined) => {
-                tracing::info!(
-                    instance = beat.id,
-                    name = beat.name,
-                    "cluster member joined"
-                );
+        match self.membership.heard(id, &name, now) {
+            Heard::Joined => {
+                tracing::info!(instance = beat.id, name, "cluster member joined");
                 bump(&c.joins, 1);
                 self.publish_routes();
             }
-            Some(Heard::Alive) => {}
-            None => bump(&c.heartbeats_refused, 1),
+            Heard::Alive => {}
+            Heard::Full | Heard::Departed => bump(&c.heartbeats_refused, 1),
         }
     }
 
@@ -765,7 +863,11 @@ impl Receiver {
         let cluster = self.cluster.clone();
         let c = &cluster.counters;
         let (header, items) = match wire::decode(payload) {
-            Ok(decoded) => decoded,
+            Ok(decoded) if decoded.0.shards == self.shards => decoded,
+            Ok(_) => {
+                bump(&c.malformed, 1);
+                return;
+            }
             Err(e) => {
                 bump(&c.malformed, 1);
                 tracing::debug!("dropping a batch from the bus: {e}");
@@ -775,30 +877,48 @@ impl Receiver {
         bump(&c.batches_received, 1);
         bump(&c.bytes_received, payload.len() as u64);
         bump(&c.items_received, u64::from(header.count));
-        // A batch from a member not heard yet proves it is alive: without this, its first
-        // requests would name connections this instance takes for closed.
-        if self.membership.member(header.from).is_none()
-            && header.from != self.cluster.me
-            && let Some(Heard::Joined) = self.membership.heard(header.from, "", Instant::now())
-        {
-            bump(&c.joins, 1);
-            self.publish_routes();
-        }
-        if self.membership.member(header.from).is_none() {
-            // The table is full: nothing from an unknown sender is taken.
-            bump(&c.undelivered, u64::from(header.count));
+        if header.from == self.cluster.me {
+            bump(&c.malformed, 1);
             return;
         }
-        let (expected, received) = self.streams.entry(header.from).or_insert((1, 0));
-        if header.seq >= *expected {
-            let lost = header.sent_before.saturating_sub(*received);
-            bump(&c.lost_on_bus, lost);
-            *received = header.sent_before.max(*received) + u64::from(header.count);
-            *expected = header.seq + 1;
-        } else {
-            // Reordered or replayed: still delivered, counted as received.
-            *received += u64::from(header.count);
+        // A batch proves its sender alive, like a heartbeat; one from a member not heard
+        // yet makes it one (without this, its first requests would name connections this
+        // instance takes for closed). A member that said goodbye stays gone.
+        match self.membership.heard(header.from, "", Instant::now()) {
+            Heard::Alive => {}
+            Heard::Joined => {
+                bump(&c.joins, 1);
+                self.publish_routes();
+            }
+            Heard::Full | Heard::Departed => {
+                bump(&c.undelivered, u64::from(header.count));
+                return;
+            }
         }
+        // Gaps in a stream are losses. The first batch seen from a sender (or the first of a
+        // stream it restarted) sets the baseline: what it sent before is not ours to count.
+        let count = u64::from(header.count);
+        match self.streams.get_mut(&header.from) {
+            Some((expected, received)) if header.seq >= *expected => {
+                bump(&c.lost_on_bus, header.sent_before.saturating_sub(*received));
+                *received = header.sent_before.max(*received).saturating_add(count);
+                *expected = header.seq.saturating_add(1);
+            }
+            Some((_, received)) if header.seq > 1 => {
+                // Reordered or replayed: delivered, counted as received.
+                *received = received.saturating_add(count);
+            }
+            _ => {
+                self.streams.insert(
+                    header.from,
+                    (
+                        header.seq.saturating_add(1),
+                        header.sent_before.saturating_add(count),
+                    ),
+                );
+            }
+        }
+        let routes = self.cluster.routes.current();
         let l = &self.local;
         for item in items {
             let delivered = match item {
@@ -813,15 +933,23 @@ impl Receiver {
                         Request::Scrape { info_hashes, .. } => info_hashes.first().copied(),
                         Request::Closed { peers } => peers.first().map(|(h, _)| *h),
                     };
-                    let Some(info_hash) = info_hash else { continue };
-                    let lanes = &l.to_swarms[crate::net::shard_of(&info_hash, l.to_swarms.len())];
+                    let Some(info_hash) = info_hash else {
+                        bump(&c.malformed, 1);
+                        continue;
+                    };
+                    if !routes.owns(&info_hash) {
+                        bump(&c.misrouted, 1);
+                    }
                     match request {
                         // The sender grouped these per owner, not per local swarm worker:
                         // split them the way a local socket worker would.
                         Request::Scrape { .. } | Request::Closed { .. } => {
                             split_and_send(&l.to_swarms, conn, request)
                         }
-                        announce => lanes.requests.try_send((conn, announce)).is_ok(),
+                        announce => {
+                            let w = crate::net::shard_of(&info_hash, l.to_swarms.len());
+                            l.to_swarms[w].requests.try_send((conn, announce)).is_ok()
+                        }
                     }
                 }
                 Item::Output(conn, output) => {
@@ -882,8 +1010,8 @@ impl Receiver {
 }
 
 /// Splits a scrape or close notice from another instance per local swarm worker, as a
-/// socket worker here would have. Close notices never fail (they take the close lane when
-/// the request lane is full); a scrape part refused is answered by the scraper's timeout.
+/// socket worker here would have; false when a part was refused (a scrape part refused is
+/// answered by the scraper's timeout).
 fn split_and_send(to_swarms: &[SwarmLanes], conn: ConnId, request: Request) -> bool {
     let n = to_swarms.len();
     match request {
@@ -910,6 +1038,7 @@ fn split_and_send(to_swarms: &[SwarmLanes], conn: ConnId, request: Request) -> b
             all
         }
         Request::Closed { peers } => {
+            let mut all = true;
             let mut parts: Vec<Vec<_>> = vec![Vec::new(); n];
             for (h, p) in peers {
                 parts[crate::net::shard_of(&h, n)].push((h, p));
@@ -918,11 +1047,15 @@ fn split_and_send(to_swarms: &[SwarmLanes], conn: ConnId, request: Request) -> b
                 if peers.is_empty() {
                     continue;
                 }
-                if let Err(e) = lanes.requests.try_send((conn, Request::Closed { peers })) {
-                    let _ = lanes.closes.send(e.into_inner());
-                }
+                // Not the close lane that never refuses: its bound holds for this instance's
+                // own connections, not for what others publish. A notice refused here leaves
+                // its peers until the peer timeout, counted.
+                all &= lanes
+                    .requests
+                    .try_send((conn, Request::Closed { peers }))
+                    .is_ok();
             }
-            true
+            all
         }
         announce => to_swarms[0].requests.try_send((conn, announce)).is_ok(),
     }

@@ -31,6 +31,11 @@ pub enum Heard {
     Joined,
     /// A known member, still alive.
     Alive,
+    /// Refused: the member table is full (the caller counts it).
+    Full,
+    /// Refused: this member said it was leaving, less than a timeout ago (a batch it sent
+    /// before its goodbye must not bring it back).
+    Departed,
 }
 
 /// One live member as last heard.
@@ -53,6 +58,8 @@ pub struct Membership {
     others: BTreeMap<InstanceId, Member>,
     /// Bound on `others`, so a flood of forged heartbeats cannot grow the table.
     max_members: usize,
+    /// Members that said goodbye, and when: refused for a timeout (bounded like `others`).
+    departed: BTreeMap<InstanceId, Instant>,
 }
 
 impl Membership {
@@ -65,6 +72,7 @@ impl Membership {
             timeout,
             others: BTreeMap::new(),
             max_members,
+            departed: BTreeMap::new(),
         }
     }
 
@@ -78,18 +86,27 @@ impl Membership {
         self.shards
     }
 
-    /// A heartbeat from `from` at `now`; `None` when it is refused because the table is full
-    /// (the caller counts it).
-    pub fn heard(&mut self, from: InstanceId, name: &str, now: Instant) -> Option<Heard> {
+    /// A heartbeat (or a batch) from `from` at `now`. A name given fills in one not known yet
+    /// (a member first heard through a batch has none).
+    pub fn heard(&mut self, from: InstanceId, name: &str, now: Instant) -> Heard {
         if from == self.me {
-            return Some(Heard::Alive);
+            return Heard::Alive;
         }
         if let Some(m) = self.others.get_mut(&from) {
             m.last_heard = now;
-            return Some(Heard::Alive);
+            if m.name.is_empty() && !name.is_empty() {
+                m.name = name.chars().take(64).collect();
+            }
+            return Heard::Alive;
+        }
+        if let Some(at) = self.departed.get(&from) {
+            if now.saturating_duration_since(*at) <= self.timeout {
+                return Heard::Departed;
+            }
+            self.departed.remove(&from);
         }
         if self.others.len() >= self.max_members {
-            return None;
+            return Heard::Full;
         }
         self.others.insert(
             from,
@@ -98,7 +115,7 @@ impl Membership {
                 last_heard: now,
             },
         );
-        Some(Heard::Joined)
+        Heard::Joined
     }
 
     /// Drops members silent past the timeout; returns them (their peers must be purged and
@@ -113,11 +130,21 @@ impl Membership {
         for id in &gone {
             self.others.remove(id);
         }
+        let timeout = self.timeout;
+        self.departed
+            .retain(|_, at| now.saturating_duration_since(*at) <= timeout);
         gone
     }
 
-    /// A member that said it is leaving (a clean shutdown): gone at once.
-    pub fn left(&mut self, id: InstanceId) -> bool {
+    /// A member that said it is leaving (a clean shutdown): gone at once, and not taken back
+    /// for a timeout. True when it was a member.
+    pub fn left(&mut self, id: InstanceId, now: Instant) -> bool {
+        if id == self.me {
+            return false;
+        }
+        if self.departed.len() < self.max_members {
+            self.departed.insert(id, now);
+        }
         self.others.remove(&id).is_some()
     }
 
@@ -255,7 +282,7 @@ mod tests {
     fn cluster(me: u64, others: &[u64], now: Instant) -> Membership {
         let mut m = Membership::new(InstanceId(me), SHARDS, Duration::from_secs(3), 64);
         for o in others {
-            assert_eq!(m.heard(InstanceId(*o), "x", now), Some(Heard::Joined));
+            assert_eq!(m.heard(InstanceId(*o), "x", now), Heard::Joined);
         }
         m
     }
@@ -293,7 +320,7 @@ mod tests {
         }
         let mut fewer = full.clone();
         let leaver = InstanceId(others[2]);
-        assert!(fewer.left(leaver));
+        assert!(fewer.left(leaver, now));
         for shard in 0..SHARDS {
             if full.owner(shard) != leaver {
                 assert_eq!(fewer.owner(shard), full.owner(shard), "shard {shard} moved");
@@ -308,13 +335,13 @@ mod tests {
         let t0 = Instant::now();
         let mut m = cluster(1, &[2, 3], t0);
         let t1 = t0 + Duration::from_secs(2);
-        assert_eq!(m.heard(InstanceId(2), "b", t1), Some(Heard::Alive));
+        assert_eq!(m.heard(InstanceId(2), "b", t1), Heard::Alive);
         assert!(m.expire(t1).is_empty());
         let t2 = t0 + Duration::from_secs(4);
         assert_eq!(m.expire(t2), vec![InstanceId(3)]);
         assert_eq!(m.members(), vec![InstanceId(1), InstanceId(2)]);
         // A member back after expiring is a join (its shards come back to it).
-        assert_eq!(m.heard(InstanceId(3), "c", t2), Some(Heard::Joined));
+        assert_eq!(m.heard(InstanceId(3), "c", t2), Heard::Joined);
         // Alone, an instance owns everything.
         let alone = cluster(9, &[], t0);
         assert!((0..SHARDS).all(|s| alone.owns(s)));
@@ -325,11 +352,27 @@ mod tests {
         let now = Instant::now();
         let mut m = Membership::new(InstanceId(1), SHARDS, Duration::from_secs(3), 4);
         let refused = (2..1000)
-            .filter(|i| m.heard(InstanceId(*i), &"n".repeat(10_000), now).is_none())
+            .filter(|i| m.heard(InstanceId(*i), &"n".repeat(10_000), now) == Heard::Full)
             .count();
         assert_eq!(m.members().len(), 5);
         assert_eq!(refused, 1000 - 2 - 4);
         assert!(m.member(InstanceId(2)).is_some_and(|r| r.name.len() == 64));
+    }
+
+    #[test]
+    fn a_member_that_left_is_not_taken_back_until_a_timeout_has_passed() {
+        let t0 = Instant::now();
+        let mut m = cluster(1, &[2], t0);
+        assert!(m.left(InstanceId(2), t0));
+        assert_eq!(m.heard(InstanceId(2), "b", t0), Heard::Departed);
+        assert_eq!(m.members(), vec![InstanceId(1)]);
+        let later = t0 + Duration::from_secs(4);
+        assert!(m.expire(later).is_empty());
+        assert_eq!(m.heard(InstanceId(2), "b", later), Heard::Joined);
+        // A name learnt late fills in one heard without it.
+        assert_eq!(m.heard(InstanceId(7), "", later), Heard::Joined);
+        assert_eq!(m.heard(InstanceId(7), "g", later), Heard::Alive);
+        assert!(m.member(InstanceId(7)).is_some_and(|r| r.name == "g"));
     }
 
     #[test]

@@ -12,13 +12,16 @@ use crate::swarm::{Announce, AnswerPart, ConnId, FrameKind, Output, Request};
 /// Bumped on any change to the format; other versions are refused and counted.
 const VERSION: u8 = 1;
 /// Bytes before the first item.
-pub(crate) const HEADER_BYTES: usize = 1 + 8 + 8 + 8 + 4;
+pub(crate) const HEADER_BYTES: usize = 1 + 8 + 4 + 8 + 8 + 4;
 
 /// What one batch says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Header {
     /// The sending instance.
     pub(crate) from: InstanceId,
+    /// The sender's `cluster.shards`: a batch from an instance that splits the hash space
+    /// otherwise is refused (its idea of who owns what differs from ours).
+    pub(crate) shards: u32,
     /// 1 for the first batch the sender published to this receiver, then +1 each.
     pub(crate) seq: u64,
     /// Items the sender published to this receiver in earlier batches: a gap between this
@@ -52,10 +55,11 @@ pub(crate) enum WireError {
 }
 
 /// Starts a batch in `buf` (cleared); items follow, and [`finish`] writes the count.
-pub(crate) fn begin(buf: &mut Vec<u8>, from: InstanceId, seq: u64, sent_before: u64) {
+pub(crate) fn begin(buf: &mut Vec<u8>, from: InstanceId, shards: u32, seq: u64, sent_before: u64) {
     buf.clear();
     buf.push(VERSION);
     buf.extend_from_slice(&from.0.to_le_bytes());
+    buf.extend_from_slice(&shards.to_le_bytes());
     buf.extend_from_slice(&seq.to_le_bytes());
     buf.extend_from_slice(&sent_before.to_le_bytes());
     buf.extend_from_slice(&0u32.to_le_bytes());
@@ -198,6 +202,7 @@ pub(crate) fn decode(data: &[u8]) -> Result<(Header, Vec<Item>), WireError> {
     }
     let header = Header {
         from: InstanceId(r.u64()?),
+        shards: r.u32()?,
         seq: r.u64()?,
         sent_before: r.u64()?,
         count: r.u32()?,
@@ -465,7 +470,7 @@ mod tests {
 
     fn batch(items: &[Item]) -> Vec<u8> {
         let mut buf = Vec::new();
-        begin(&mut buf, InstanceId(5), 9, 100);
+        begin(&mut buf, InstanceId(5), 1024, 9, 100);
         for item in items {
             push(&mut buf, item);
         }
@@ -481,6 +486,7 @@ mod tests {
             header,
             Header {
                 from: InstanceId(5),
+                shards: 1024,
                 seq: 9,
                 sent_before: 100,
                 count: 5

@@ -859,7 +859,8 @@ impl EventLoop {
                 },
             }
         }
-        for (owner, peers) in remote {
+        // At shutdown the goodbye on the bus purges every peer of this instance at once.
+        for (owner, peers) in remote.into_iter().filter(|_| !shared.shutting_down()) {
             // A notice the bridge cannot take leaves the peers on their owner until the peer
             // timeout; counted there (`unsent_lane_full`).
             let _ = self.send_remote(owner, conn.id, Request::Closed { peers });

@@ -355,7 +355,9 @@ pub fn cluster_config(nats: &str, name: &str) -> Config {
     c.cluster.nats_url = Some(nats.to_owned());
     c.cluster.name = Some(name.to_owned());
     c.cluster.heartbeat_interval_ms = 100;
-    c.cluster.heartbeats_missed = 5;
+    // A second: short enough for the failure tests, long enough that a busy two-core CI
+    // machine does not take a live member for dead.
+    c.cluster.heartbeats_missed = 10;
     c
 }
 
