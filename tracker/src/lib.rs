@@ -79,6 +79,21 @@ pub mod fuzzing {
         }
     }
 
+    /// Any bytes as a batch from the cluster bus: never panics, and a batch that decodes is
+    /// its own canonical encoding (re-encoding its items gives back exactly its bytes).
+    pub fn cluster_batch(data: &[u8]) {
+        use crate::cluster::wire;
+        if let Ok((h, items)) = wire::decode(data) {
+            let mut buf = Vec::new();
+            wire::begin(&mut buf, h.from, h.shards, h.seq, h.sent_before);
+            for item in &items {
+                wire::push(&mut buf, item);
+            }
+            wire::finish(&mut buf, items.len() as u32);
+            assert_eq!(buf, data, "re-encoded {items:?}");
+        }
+    }
+
     fn decode(input: &[u8], limits: Limits, step: usize) -> Vec<String> {
         let mut assembler = Assembler::default();
         let mut buf = Vec::new();
