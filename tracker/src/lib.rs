@@ -28,6 +28,7 @@ mod channel;
 pub mod cluster;
 pub mod config;
 mod full_scrape;
+mod fuzz_shard;
 mod liveness;
 mod metrics;
 mod net;
@@ -77,6 +78,13 @@ pub mod fuzzing {
                 "fed {step} bytes at a time"
             );
         }
+    }
+
+    /// Any bytes as a sequence of operations on one swarm shard (announces with offers,
+    /// answers, scrapes, closes, reconnects, silences, time), its invariants checked after
+    /// every step: see `fuzz_shard.rs`.
+    pub fn shard_ops(data: &[u8]) {
+        crate::fuzz_shard::run(data);
     }
 
     /// Any bytes as a batch from the cluster bus: never panics, and a batch that decodes is

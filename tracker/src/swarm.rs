@@ -275,6 +275,39 @@ impl Shard {
             .map(|p| p.conn)
     }
 
+    /// Checks the shard's internal bookkeeping (for the fuzz targets and tests): every swarm
+    /// non-empty, its order list and peer map describing the same peers, each peer's index
+    /// right, the seeder count equal to the seeders held.
+    #[doc(hidden)]
+    pub fn check(&self) -> Result<(), String> {
+        for (h, swarm) in &self.swarms {
+            if swarm.peers.is_empty() {
+                return Err(format!("empty swarm {h:?} kept"));
+            }
+            if swarm.order.len() != swarm.peers.len() {
+                return Err(format!(
+                    "{h:?}: order {} vs peers {}",
+                    swarm.order.len(),
+                    swarm.peers.len()
+                ));
+            }
+            for (i, id) in swarm.order.iter().enumerate() {
+                match swarm.peers.get(id) {
+                    Some(p) if p.idx == i => {}
+                    _ => return Err(format!("{h:?}: order[{i}] = {id:?} has a wrong index")),
+                }
+            }
+            let seeders = swarm.peers.values().filter(|p| p.seeder).count() as u64;
+            if seeders != swarm.seeders {
+                return Err(format!(
+                    "{h:?}: {seeders} seeders held, {} counted",
+                    swarm.seeders
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Number of swarms held.
     pub fn swarm_count(&self) -> usize {
         self.swarms.len()
