@@ -2,18 +2,23 @@
 //! gets large kernel buffers. With the default ~208 KiB the kernel drops datagrams under a
 //! data-channel burst and SCTP spends its time in loss recovery (DESIGN §6: 36 vs 244 MiB/s).
 //! Also reads the kernel's UDP receive-buffer drop counter, so the drops can be reported.
+//!
+//! For tests and benchmarks only, it can impair every datagram its sockets send — a delay,
+//! jitter and random loss (`TIDEPOOL_IMPAIR=delay_ms=25,jitter_ms=2,loss=0.01`): this kernel
+//! has no `netem`, and loopback has neither delay nor loss, unlike any network a user has.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use webrtc::runtime::{
-    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, Runtime,
-    TokioRuntime,
+    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta,
+    Runtime, TokioRuntime, Transmit,
 };
 
 /// Tokio plus buffer sizing for UDP sockets.
@@ -24,15 +29,39 @@ pub struct BufferedRuntime {
     /// The smallest receive buffer the kernel actually granted (it may cap the request at
     /// `net.core.rmem_max`); `u64::MAX` until a socket is wrapped.
     granted: AtomicU64,
+    /// What every send goes through, when impaired (tests and benchmarks only).
+    impairment: Option<Impairment>,
 }
 
 impl BufferedRuntime {
-    /// Sockets will ask for `buffer` bytes of SO_RCVBUF and SO_SNDBUF.
+    /// Sockets will ask for `buffer` bytes of SO_RCVBUF and SO_SNDBUF. When the environment
+    /// sets `TIDEPOOL_IMPAIR` (see [`Impairment::parse`]), their sends are impaired.
     pub fn new(buffer: usize) -> Self {
+        let impairment = std::env::var("TIDEPOOL_IMPAIR")
+            .ok()
+            .and_then(|spec| match Impairment::parse(&spec) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    tracing::warn!("ignoring TIDEPOOL_IMPAIR={spec:?}: {e}");
+                    None
+                }
+            });
+        if let Some(i) = &impairment {
+            tracing::warn!(?i, "UDP sends are impaired (TIDEPOOL_IMPAIR): for tests only");
+        }
         Self {
             inner: TokioRuntime,
             buffer,
             granted: AtomicU64::new(u64::MAX),
+            impairment,
+        }
+    }
+
+    /// The same, with sends impaired as given (tests and benchmarks).
+    pub fn impaired(buffer: usize, impairment: Impairment) -> Self {
+        Self {
+            impairment: Some(impairment),
+            ..Self::new(buffer)
         }
     }
 
@@ -74,7 +103,11 @@ impl Runtime for BufferedRuntime {
                 );
             }
         }
-        self.inner.wrap_udp_socket(socket)
+        let wrapped = self.inner.wrap_udp_socket(socket)?;
+        Ok(match self.impairment {
+            Some(link) => ImpairedSocket::start(wrapped, link),
+            None => wrapped,
+        })
     }
 
     fn wrap_tcp_listener(
@@ -119,6 +152,163 @@ impl Runtime for BufferedRuntime {
     }
 }
 
+/// A link's impairment, applied to every datagram a socket sends: sending both ways through
+/// impaired sockets gives a round trip of twice `delay`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Impairment {
+    /// One-way delay added to every datagram.
+    pub delay: Duration,
+    /// Up to this much more, uniformly at random (datagrams keep their order, as on a link
+    /// with a queue: a datagram never leaves before the one sent ahead of it).
+    pub jitter: Duration,
+    /// Fraction of datagrams dropped, at random (0.01 = 1%).
+    pub loss: f64,
+    /// Bytes a socket may hold in flight in its delay line; past it, datagrams are dropped
+    /// like a full router queue's (0 = 64 MiB).
+    pub queue_bytes: usize,
+}
+
+/// Datagrams dropped by impaired sockets (at random, or by a full delay line), process-wide.
+pub static IMPAIRED_DROPS: AtomicU64 = AtomicU64::new(0);
+
+impl Impairment {
+    /// Reads `delay_ms=25,jitter_ms=2,loss=0.01,queue_kib=65536` (any subset, any order).
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut i = Impairment::default();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not key=value"))?;
+            let number: f64 = value
+                .parse()
+                .map_err(|_| format!("{value:?} is not a number"))?;
+            if !number.is_finite() || number < 0.0 {
+                return Err(format!("{key} must be a non-negative number"));
+            }
+            match key {
+                "delay_ms" => i.delay = Duration::from_secs_f64(number / 1000.0),
+                "jitter_ms" => i.jitter = Duration::from_secs_f64(number / 1000.0),
+                "loss" if number <= 1.0 => i.loss = number,
+                "queue_kib" => i.queue_bytes = (number as usize).saturating_mul(1024),
+                other => return Err(format!("unknown or out-of-range key {other:?}")),
+            }
+        }
+        Ok(i)
+    }
+}
+
+/// A datagram waiting in a delay line.
+struct Delayed {
+    at: Instant,
+    to: SocketAddr,
+    src_ip: Option<std::net::IpAddr>,
+    bytes: Vec<u8>,
+}
+
+/// A socket whose sends go through a delay line (and lose some on the way); receives are the
+/// inner socket's.
+#[derive(Debug)]
+struct ImpairedSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    link: Impairment,
+    line: tokio::sync::mpsc::UnboundedSender<Delayed>,
+    /// Bytes in the delay line, bounded by `link.queue_bytes`.
+    queued: Arc<AtomicUsize>,
+    /// When the last datagram leaves: no later one leaves before it.
+    last: Mutex<Instant>,
+}
+
+impl ImpairedSocket {
+    fn start(inner: Arc<dyn AsyncUdpSocket>, link: Impairment) -> Arc<dyn AsyncUdpSocket> {
+        let (line, mut rx) = tokio::sync::mpsc::unbounded_channel::<Delayed>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (sender, left) = (inner.clone(), queued.clone());
+        // Ends when the socket (the only sender) is dropped.
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                tokio::time::sleep_until(d.at.into()).await;
+                let transmit = Transmit {
+                    destination: d.to,
+                    ecn: None,
+                    contents: &d.bytes,
+                    segment_size: None,
+                    src_ip: d.src_ip,
+                };
+                // A send error is a lost datagram, as on a real link.
+                let _ = std::future::poll_fn(|cx| sender.poll_send(cx, &transmit)).await;
+                left.fetch_sub(d.bytes.len(), Ordering::Relaxed);
+            }
+        });
+        Arc::new(ImpairedSocket {
+            inner,
+            link,
+            line,
+            queued,
+            last: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn enqueue(&self, to: SocketAddr, src_ip: Option<std::net::IpAddr>, bytes: &[u8]) {
+        let cap = match self.link.queue_bytes {
+            0 => 64 << 20,
+            n => n,
+        };
+        if fastrand::f64() < self.link.loss
+            || self.queued.load(Ordering::Relaxed) + bytes.len() > cap
+        {
+            IMPAIRED_DROPS.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let jitter = self.link.jitter.mul_f64(fastrand::f64());
+        let at = {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            *last = (Instant::now() + self.link.delay + jitter).max(*last);
+            *last
+        };
+        self.queued.fetch_add(bytes.len(), Ordering::Relaxed);
+        let delayed = Delayed {
+            at,
+            to,
+            src_ip,
+            bytes: bytes.to_vec(),
+        };
+        if self.line.send(delayed).is_err() {
+            IMPAIRED_DROPS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl AsyncUdpSocket for ImpairedSocket {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn poll_send(&self, _cx: &mut Context<'_>, transmit: &Transmit<'_>) -> Poll<io::Result<usize>> {
+        // One datagram per segment (GSO is not offered, but honour a segment size anyway).
+        let step = transmit
+            .segment_size
+            .filter(|s| *s > 0)
+            .unwrap_or(transmit.contents.len().max(1));
+        for segment in transmit.contents.chunks(step) {
+            self.enqueue(transmit.destination, transmit.src_ip, segment);
+        }
+        Poll::Ready(Ok(transmit.contents.len()))
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [io::IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn max_gro_segments(&self) -> usize {
+        self.inner.max_gro_segments()
+    }
+}
+
 /// The kernel's count of UDP datagrams dropped for a full receive buffer (`RcvbufErrors` in
 /// `/proc/net/snmp`, all sockets of the host), or `None` where it cannot be read.
 pub fn kernel_udp_rcvbuf_errors() -> Option<u64> {
@@ -145,6 +335,66 @@ mod tests {
                     Udp: 100 2 7 90 5 0\nUdpLite: InDatagrams\nUdpLite: 0\n";
         assert_eq!(parse_rcvbuf_errors(snmp), Some(5));
         assert_eq!(parse_rcvbuf_errors("Ip: x\nIp: 1\n"), None);
+    }
+
+    #[test]
+    fn impairment_specs_parse_and_bad_ones_are_refused() {
+        let i = Impairment::parse("delay_ms=25, jitter_ms=2.5,loss=0.01").expect("parses");
+        assert_eq!(i.delay, Duration::from_millis(25));
+        assert_eq!(i.jitter, Duration::from_micros(2500));
+        assert_eq!(i.loss, 0.01);
+        assert!(Impairment::parse("loss=2").is_err());
+        assert!(Impairment::parse("delay_ms=-1").is_err());
+        assert!(Impairment::parse("rate=5").is_err());
+        assert!(Impairment::parse("delay_ms").is_err());
+    }
+
+    /// Sends `n` datagrams through an impaired socket to a plain one; returns how many
+    /// arrived within `wait` and when the first did.
+    async fn through(link: Impairment, n: usize, wait: Duration) -> (usize, Option<Duration>) {
+        let rt = BufferedRuntime::impaired(1 << 20, link);
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sender.set_nonblocking(true).expect("nonblocking");
+        let sender = rt.wrap_udp_socket(sender).expect("wraps");
+        let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let to = receiver.local_addr().expect("addr");
+        let sent = Instant::now();
+        for i in 0..n {
+            let bytes = [i as u8; 100];
+            sender.send_to(&bytes, to).await.expect("accepted");
+        }
+        let (mut got, mut first) = (0, None);
+        let mut buf = [0u8; 200];
+        while let Ok(Ok(_)) = tokio::time::timeout(wait, receiver.recv_from(&mut buf)).await {
+            first.get_or_insert(sent.elapsed());
+            got += 1;
+        }
+        (got, first)
+    }
+
+    #[tokio::test]
+    async fn impaired_sends_arrive_late_and_lossy_ones_not_at_all() {
+        let delayed = Impairment {
+            delay: Duration::from_millis(40),
+            ..Impairment::default()
+        };
+        let (got, first) = through(delayed, 20, Duration::from_millis(300)).await;
+        assert_eq!(got, 20, "delay alone loses nothing");
+        assert!(first.is_some_and(|t| t >= Duration::from_millis(40)), "{first:?}");
+        let lossy = Impairment {
+            loss: 1.0,
+            ..Impairment::default()
+        };
+        let before = IMPAIRED_DROPS.load(Ordering::Relaxed);
+        let (got, _) = through(lossy, 10, Duration::from_millis(100)).await;
+        assert_eq!(got, 0);
+        assert!(IMPAIRED_DROPS.load(Ordering::Relaxed) >= before + 10, "drops counted");
+        let half = Impairment {
+            loss: 0.5,
+            ..Impairment::default()
+        };
+        let (got, _) = through(half, 400, Duration::from_millis(100)).await;
+        assert!((100..300).contains(&got), "about half of 400 arrived: {got}");
     }
 
     #[tokio::test]
