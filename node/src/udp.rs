@@ -17,8 +17,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use webrtc::runtime::{
-    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta,
-    Runtime, TokioRuntime, Transmit,
+    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime,
+    TokioRuntime, Transmit,
 };
 
 /// Tokio plus buffer sizing for UDP sockets.
@@ -37,17 +37,21 @@ impl BufferedRuntime {
     /// Sockets will ask for `buffer` bytes of SO_RCVBUF and SO_SNDBUF. When the environment
     /// sets `TIDEPOOL_IMPAIR` (see [`Impairment::parse`]), their sends are impaired.
     pub fn new(buffer: usize) -> Self {
-        let impairment = std::env::var("TIDEPOOL_IMPAIR")
-            .ok()
-            .and_then(|spec| match Impairment::parse(&spec) {
-                Ok(i) => Some(i),
-                Err(e) => {
-                    tracing::warn!("ignoring TIDEPOOL_IMPAIR={spec:?}: {e}");
-                    None
-                }
-            });
+        let impairment =
+            std::env::var("TIDEPOOL_IMPAIR")
+                .ok()
+                .and_then(|spec| match Impairment::parse(&spec) {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        tracing::warn!("ignoring TIDEPOOL_IMPAIR={spec:?}: {e}");
+                        None
+                    }
+                });
         if let Some(i) = &impairment {
-            tracing::warn!(?i, "UDP sends are impaired (TIDEPOOL_IMPAIR): for tests only");
+            tracing::warn!(
+                ?i,
+                "UDP sends are impaired (TIDEPOOL_IMPAIR): for tests only"
+            );
         }
         Self {
             inner: TokioRuntime,
@@ -356,7 +360,9 @@ mod tests {
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         sender.set_nonblocking(true).expect("nonblocking");
         let sender = rt.wrap_udp_socket(sender).expect("wraps");
-        let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let to = receiver.local_addr().expect("addr");
         let sent = Instant::now();
         for i in 0..n {
@@ -380,7 +386,10 @@ mod tests {
         };
         let (got, first) = through(delayed, 20, Duration::from_millis(300)).await;
         assert_eq!(got, 20, "delay alone loses nothing");
-        assert!(first.is_some_and(|t| t >= Duration::from_millis(40)), "{first:?}");
+        assert!(
+            first.is_some_and(|t| t >= Duration::from_millis(40)),
+            "{first:?}"
+        );
         let lossy = Impairment {
             loss: 1.0,
             ..Impairment::default()
@@ -388,13 +397,19 @@ mod tests {
         let before = IMPAIRED_DROPS.load(Ordering::Relaxed);
         let (got, _) = through(lossy, 10, Duration::from_millis(100)).await;
         assert_eq!(got, 0);
-        assert!(IMPAIRED_DROPS.load(Ordering::Relaxed) >= before + 10, "drops counted");
+        assert!(
+            IMPAIRED_DROPS.load(Ordering::Relaxed) >= before + 10,
+            "drops counted"
+        );
         let half = Impairment {
             loss: 0.5,
             ..Impairment::default()
         };
         let (got, _) = through(half, 400, Duration::from_millis(100)).await;
-        assert!((100..300).contains(&got), "about half of 400 arrived: {got}");
+        assert!(
+            (100..300).contains(&got),
+            "about half of 400 arrived: {got}"
+        );
     }
 
     #[tokio::test]

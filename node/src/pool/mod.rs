@@ -13,6 +13,8 @@ mod disk;
 mod driver;
 pub mod engine;
 mod events;
+#[doc(hidden)]
+pub mod fuzz;
 mod gossip;
 mod neighbour;
 mod relay;
