@@ -210,6 +210,15 @@ fn subject_of(prefix: &str, id: InstanceId) -> String {
     format!("{prefix}.i.{:016x}", id.0)
 }
 
+/// A counter family with one label, for `/metrics`: name, help, the label's name ("" for
+/// none), and each value of the label with its counter.
+type LabelledFamily<'a> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'a [(&'static str, &'a AtomicU64)],
+);
+
 impl Cluster {
     /// Connects to NATS (retrying in the background if it is not up yet: the instance serves
     /// alone until it is), subscribes, and starts the heartbeat, receive and send loops.
@@ -376,142 +385,130 @@ impl Cluster {
     pub(crate) fn families(&self) -> Vec<crate::metrics::Family> {
         use crate::metrics::{family, sample};
         let c = &self.counters;
-        let mut out = Vec::new();
         let get = |a: &AtomicU64| a.load(Relaxed);
-        let mut one = |name: &str, help: &str, kind: &str, v: u64| {
-            family(&mut out, name, help, kind);
-            sample(&mut out, &[], v);
-        };
         let routes = self.routes.current();
-        one(
-            "tidepool_cluster_members",
-            "Live cluster members as this instance sees them, itself included.",
-            "gauge",
-            routes.member_count() as u64,
-        );
-        one(
-            "tidepool_cluster_shards_owned",
-            "Virtual shards this instance owns.",
-            "gauge",
-            routes.owned() as u64,
-        );
-        one(
-            "tidepool_cluster_connected",
-            "1 while connected to NATS.",
-            "gauge",
-            get(&c.connected),
-        );
-        one(
-            "tidepool_cluster_connects_total",
-            "Connections made to NATS (the first, then every reconnect).",
-            "counter",
-            get(&c.reconnects),
-        );
-        one(
-            "tidepool_cluster_batches_sent_total",
-            "Batches published to other instances.",
-            "counter",
-            get(&c.batches_sent),
-        );
-        one(
-            "tidepool_cluster_bytes_sent_total",
-            "Bytes of the batches published.",
-            "counter",
-            get(&c.bytes_sent),
-        );
-        one(
-            "tidepool_cluster_offers_forwarded_total",
-            "Offers among the items published (forwarded to a connection on another instance).",
-            "counter",
-            get(&c.offers_forwarded),
-        );
-        one(
-            "tidepool_cluster_batches_received_total",
-            "Batches received from other instances.",
-            "counter",
-            get(&c.batches_received),
-        );
-        one(
-            "tidepool_cluster_bytes_received_total",
-            "Bytes of the batches received.",
-            "counter",
-            get(&c.bytes_received),
-        );
-        family(
-            &mut out,
-            "tidepool_cluster_items_total",
-            "Requests and outputs that crossed the bus, by direction.",
-            "counter",
-        );
-        sample(
-            &mut out,
-            &[("direction", "sent".into())],
-            get(&c.items_sent),
-        );
-        sample(
-            &mut out,
-            &[("direction", "received".into())],
-            get(&c.items_received),
-        );
-        family(
-            &mut out,
-            "tidepool_cluster_lost_total",
-            "Requests and outputs that did not reach their instance, by where they were lost.",
-            "counter",
-        );
-        for (reason, v) in [
-            ("lane_full", &c.unsent_lane_full),
-            ("disconnected", &c.unsent_disconnected),
-            ("member_gone", &c.unsent_gone),
-            ("too_large", &c.unsent_too_large),
-            ("on_bus", &c.lost_on_bus),
-            ("inbox_full", &c.undelivered),
-        ] {
-            sample(&mut out, &[("reason", reason.into())], get(v));
+        let mut out = Vec::new();
+        let single: [(&str, &str, &str, u64); 9] = [
+            (
+                "tidepool_cluster_members",
+                "Live cluster members as this instance sees them, itself included.",
+                "gauge",
+                routes.member_count() as u64,
+            ),
+            (
+                "tidepool_cluster_shards_owned",
+                "Virtual shards this instance owns.",
+                "gauge",
+                routes.owned() as u64,
+            ),
+            (
+                "tidepool_cluster_connected",
+                "1 while connected to NATS.",
+                "gauge",
+                get(&c.connected),
+            ),
+            (
+                "tidepool_cluster_connects_total",
+                "Connections made to NATS (the first, then every reconnect).",
+                "counter",
+                get(&c.reconnects),
+            ),
+            (
+                "tidepool_cluster_batches_sent_total",
+                "Batches published to other instances.",
+                "counter",
+                get(&c.batches_sent),
+            ),
+            (
+                "tidepool_cluster_bytes_sent_total",
+                "Bytes of the batches published.",
+                "counter",
+                get(&c.bytes_sent),
+            ),
+            (
+                "tidepool_cluster_offers_forwarded_total",
+                "Offers among the items published (forwarded to a connection on another instance).",
+                "counter",
+                get(&c.offers_forwarded),
+            ),
+            (
+                "tidepool_cluster_batches_received_total",
+                "Batches received from other instances.",
+                "counter",
+                get(&c.batches_received),
+            ),
+            (
+                "tidepool_cluster_bytes_received_total",
+                "Bytes of the batches received.",
+                "counter",
+                get(&c.bytes_received),
+            ),
+        ];
+        for (name, help, kind, value) in single {
+            family(&mut out, name, help, kind);
+            sample(&mut out, &[], value);
         }
-        family(
-            &mut out,
-            "tidepool_cluster_malformed_total",
-            "Batches or items from the bus refused as malformed, or naming connections their sender does not hold.",
-            "counter",
-        );
-        sample(&mut out, &[], get(&c.malformed));
-        family(
-            &mut out,
-            "tidepool_cluster_misrouted_total",
-            "Requests received for a shard this instance does not own (views of the members differed during a change); served here, dropped at the next cleaning.",
-            "counter",
-        );
-        sample(&mut out, &[], get(&c.misrouted));
-        family(
-            &mut out,
-            "tidepool_cluster_heartbeats_total",
-            "Heartbeats sent, refused (unreadable, another shard count, a full member table, a member that left) and not sent (NATS away).",
-            "counter",
-        );
-        sample(
-            &mut out,
-            &[("kind", "sent".into())],
-            get(&c.heartbeats_sent),
-        );
-        sample(
-            &mut out,
-            &[("kind", "refused".into())],
-            get(&c.heartbeats_refused),
-        );
-        sample(
-            &mut out,
-            &[("kind", "unsent".into())],
-            get(&c.heartbeats_unsent),
-        );
-        family(
-            &mut out,
-            "tidepool_cluster_membership_changes_total",
-            "Members that joined, and members that left or missed their heartbeats.",
-            "counter",
-        );
-        sample(&mut out, &[("kind", "joined".into())], get(&c.joins));
-        sample(&mut out, &[("kind", "departed".into())], get(&c.departures));
+        // Counter families with one label: (name, help, label, [(value of the label, counter)]).
+        let labelled: [LabelledFamily<'_>; 6] = [
+            (
+                "tidepool_cluster_items_total",
+                "Requests and outputs that crossed the bus, by direction.",
+                "direction",
+                &[("sent", &c.items_sent), ("received", &c.items_received)],
+            ),
+            (
+                "tidepool_cluster_lost_total",
+                "Requests and outputs that did not reach their instance, by where they were lost.",
+                "reason",
+                &[
+                    ("lane_full", &c.unsent_lane_full),
+                    ("disconnected", &c.unsent_disconnected),
+                    ("member_gone", &c.unsent_gone),
+                    ("too_large", &c.unsent_too_large),
+                    ("on_bus", &c.lost_on_bus),
+                    ("inbox_full", &c.undelivered),
+                ],
+            ),
+            (
+                "tidepool_cluster_malformed_total",
+                "Batches or items from the bus refused as malformed, or naming connections their sender does not hold.",
+                "",
+                &[("", &c.malformed)],
+            ),
+            (
+                "tidepool_cluster_misrouted_total",
+                "Requests received for a shard this instance does not own (views of the members differed during a change); served here, dropped at the next cleaning.",
+                "",
+                &[("", &c.misrouted)],
+            ),
+            (
+                "tidepool_cluster_heartbeats_total",
+                "Heartbeats sent, refused (unreadable, another shard count, a full member table, a member that left) and not sent (NATS away).",
+                "kind",
+                &[
+                    ("sent", &c.heartbeats_sent),
+                    ("refused", &c.heartbeats_refused),
+                    ("unsent", &c.heartbeats_unsent),
+                ],
+            ),
+            (
+                "tidepool_cluster_membership_changes_total",
+                "Members that joined, and members that left or missed their heartbeats.",
+                "kind",
+                &[("joined", &c.joins), ("departed", &c.departures)],
+            ),
+        ];
+        for (name, help, label, samples) in labelled {
+            family(&mut out, name, help, "counter");
+            for (value, counter) in samples {
+                let labels = if label.is_empty() {
+                    vec![]
+                } else {
+                    vec![(label, (*value).to_owned())]
+                };
+                sample(&mut out, &labels, get(counter));
+            }
+        }
         out
     }
 
