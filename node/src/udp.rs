@@ -410,6 +410,16 @@ mod tests {
             (100..300).contains(&got),
             "about half of 400 arrived: {got}"
         );
+        // A full delay line drops like a router queue, counted: 1 KiB holds ten of these.
+        let small = Impairment {
+            delay: Duration::from_millis(50),
+            queue_bytes: 1024,
+            ..Impairment::default()
+        };
+        let before = IMPAIRED_DROPS.load(Ordering::Relaxed);
+        let (got, _) = through(small, 40, Duration::from_millis(300)).await;
+        assert_eq!(got, 10, "only what the line holds arrives");
+        assert!(IMPAIRED_DROPS.load(Ordering::Relaxed) >= before + 30);
     }
 
     #[tokio::test]
