@@ -57,8 +57,13 @@ pub struct NodeConfig {
     pub rotate_after: Duration,
     /// Ping on the `control` channel this often.
     pub heartbeat_interval: Duration,
-    /// A peer silent (no frame on any channel) this long is disconnected.
+    /// A peer is disconnected when, for this long, no frame arrived from it and its SCTP
+    /// stack acknowledged none of our data (a peer whose data waits out SCTP's retransmission
+    /// backoff on a lossy link still acknowledges our pings, and is kept).
     pub heartbeat_timeout: Duration,
+    /// A peer whose stack acknowledges our data but that sends no frame for this long (its
+    /// pongs never come) is disconnected all the same.
+    pub max_silence: Duration,
     /// Gather loopback candidates only (tests, a laptop without a network).
     pub loopback_only: bool,
     /// STUN/TURN servers; empty means host candidates only.
@@ -81,6 +86,10 @@ pub struct NodeConfig {
     pub reconnect_min: Duration,
     /// Longest delay between tracker reconnects.
     pub reconnect_max: Duration,
+    /// Test and benchmark hook: impair what this node's UDP sockets send (otherwise read
+    /// from `TIDEPOOL_IMPAIR`, see [`Impairment::parse`](crate::udp::Impairment::parse)).
+    #[doc(hidden)]
+    pub impairment: Option<crate::udp::Impairment>,
 }
 
 impl NodeConfig {
@@ -100,6 +109,7 @@ impl NodeConfig {
             rotate_after: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
+            max_silence: Duration::from_secs(60),
             loopback_only: false,
             ice_servers: Vec::new(),
             udp_socket_buffer: 4 << 20,
@@ -109,6 +119,7 @@ impl NodeConfig {
             event_queue: 256,
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
+            impairment: None,
         }
     }
 
@@ -121,6 +132,7 @@ impl NodeConfig {
         self.rotate_after = Duration::from_secs(1);
         self.heartbeat_interval = Duration::from_millis(250);
         self.heartbeat_timeout = Duration::from_secs(2);
+        self.max_silence = Duration::from_secs(10);
         self.reconnect_min = Duration::from_millis(100);
         self.reconnect_max = Duration::from_secs(2);
         self
@@ -147,6 +159,9 @@ impl NodeConfig {
         }
         if self.heartbeat_timeout <= self.heartbeat_interval {
             return fail("heartbeat_timeout must exceed heartbeat_interval");
+        }
+        if self.max_silence < self.heartbeat_timeout {
+            return fail("max_silence must be at least heartbeat_timeout");
         }
         if self.event_queue == 0 || self.send_buffer_limit < self.max_message_size {
             return fail("event_queue must be ≥ 1 and send_buffer_limit ≥ max_message_size");

@@ -92,7 +92,8 @@ pub enum Receipts {
 /// Why a peer went away.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DisconnectReason {
-    /// Nothing heard within the heartbeat timeout.
+    /// Within the heartbeat timeout nothing was heard from the peer and none of our data was
+    /// acknowledged by it (or no frame came within `max_silence`).
     HeartbeatTimeout,
     /// The connection never opened both channels in time.
     ConnectTimeout,

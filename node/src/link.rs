@@ -48,6 +48,10 @@ pub(crate) struct Link {
     pub(crate) established_at: std::sync::OnceLock<Instant>,
     /// Milliseconds since the node started at which the peer was last heard from.
     pub(crate) last_heard_ms: AtomicU64,
+    /// Most bytes of ours seen acknowledged by the peer's SCTP stack (both channels)…
+    pub(crate) acked_bytes: AtomicU64,
+    /// …and when that count last grew.
+    pub(crate) last_acked_ms: AtomicU64,
     pub(crate) rtt_us: AtomicU64,
     pub(crate) counters: [ChannelCounters; 2],
     pub(crate) closed: AtomicBool,
@@ -84,6 +88,37 @@ impl Link {
             c.messages_out.fetch_add(1, Relaxed);
             c.bytes_out.fetch_add(len, Relaxed);
         }
+    }
+
+    /// Notes whether the peer's SCTP stack acknowledged more of our data since the last look:
+    /// proof the peer is alive even while its own data waits out SCTP's retransmission
+    /// backoff (1 s doubling to 60 s) on a lossy link. Sent counts are read before the
+    /// outstanding bytes, so a send racing this look makes the estimate low, never high.
+    pub(crate) async fn sample_acks(&self, now_ms: u64) {
+        let sent: u64 = self
+            .counters
+            .iter()
+            .map(|c| c.bytes_out.load(Relaxed))
+            .sum();
+        let (Ok(control), Ok(chunks)) = (
+            self.control.outstanding_bytes().await,
+            self.chunks.outstanding_bytes().await,
+        ) else {
+            return;
+        };
+        let acked = sent.saturating_sub((control + chunks) as u64);
+        if self.acked_bytes.fetch_max(acked, Relaxed) < acked {
+            self.last_acked_ms.fetch_max(now_ms, Relaxed);
+        }
+    }
+
+    /// Whether the peer counts as gone: neither a frame from it nor an acknowledgement of
+    /// ours within `timeout`, or no frame within `max_silence`.
+    pub(crate) fn silent(&self, now_ms: u64, timeout: Duration, max_silence: Duration) -> bool {
+        let heard = self.last_heard_ms.load(Relaxed);
+        let alive = heard.max(self.last_acked_ms.load(Relaxed));
+        now_ms.saturating_sub(alive) > timeout.as_millis() as u64
+            || now_ms.saturating_sub(heard) > max_silence.as_millis() as u64
     }
 
     /// Sends one already-framed message, waiting for buffer space (back-pressure).
@@ -215,6 +250,8 @@ pub(crate) async fn build(
         established: AtomicBool::new(false),
         established_at: std::sync::OnceLock::new(),
         last_heard_ms: AtomicU64::new(inner.now_ms()),
+        acked_bytes: AtomicU64::new(0),
+        last_acked_ms: AtomicU64::new(inner.now_ms()),
         rtt_us: AtomicU64::new(0),
         counters: Default::default(),
         closed: AtomicBool::new(false),

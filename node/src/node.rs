@@ -136,7 +136,10 @@ impl Node {
         let (events_tx, events_rx) = mpsc::channel(config.event_queue);
         let (lifecycle_tx, lifecycle_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            runtime: Arc::new(BufferedRuntime::new(config.udp_socket_buffer)),
+            runtime: Arc::new(match config.impairment {
+                Some(i) => BufferedRuntime::impaired(config.udp_socket_buffer, i),
+                None => BufferedRuntime::new(config.udp_socket_buffer),
+            }),
             core_tx,
             events_tx,
             lifecycle_tx,
@@ -844,9 +847,7 @@ impl Core {
                     if now.duration_since(l.created) > c.connect_timeout {
                         to_close.push((l.id, DisconnectReason::ConnectTimeout));
                     }
-                } else if now_ms.saturating_sub(l.last_heard_ms.load(Relaxed))
-                    > c.heartbeat_timeout.as_millis() as u64
-                {
+                } else if l.silent(now_ms, c.heartbeat_timeout, c.max_silence) {
                     to_close.push((l.id, DisconnectReason::HeartbeatTimeout));
                 } else if ping_due {
                     ping.push(l.clone());
@@ -864,6 +865,9 @@ impl Core {
             let nonce = self.inner.now_us();
             for l in ping {
                 tokio::spawn(async move {
+                    // Acknowledgements of what we sent, the last ping included, count as
+                    // signs of life: looked at once per interval, just before the next ping.
+                    l.sample_acks(now_ms).await;
                     // try_send: a full control channel means the peer is alive but busy.
                     l.try_send_control(wire::heartbeat(false, nonce)).await;
                 });

@@ -4,8 +4,8 @@
 //! Also reads the kernel's UDP receive-buffer drop counter, so the drops can be reported.
 //!
 //! For tests and benchmarks only, it can impair every datagram its sockets send — a delay,
-//! jitter and random loss (`TIDEPOOL_IMPAIR=delay_ms=25,jitter_ms=2,loss=0.01`): this kernel
-//! has no `netem`, and loopback has neither delay nor loss, unlike any network a user has.
+//! jitter, random loss and outages (`TIDEPOOL_IMPAIR=delay_ms=25,jitter_ms=2,loss=0.01`): this
+//! kernel has no `netem`, and loopback has neither delay nor loss, unlike any network a user has.
 
 use std::future::Future;
 use std::io;
@@ -31,6 +31,8 @@ pub struct BufferedRuntime {
     granted: AtomicU64,
     /// What every send goes through, when impaired (tests and benchmarks only).
     impairment: Option<Impairment>,
+    /// Outages are timed from here.
+    created: Instant,
 }
 
 impl BufferedRuntime {
@@ -58,6 +60,7 @@ impl BufferedRuntime {
             buffer,
             granted: AtomicU64::new(u64::MAX),
             impairment,
+            created: Instant::now(),
         }
     }
 
@@ -109,7 +112,7 @@ impl Runtime for BufferedRuntime {
         }
         let wrapped = self.inner.wrap_udp_socket(socket)?;
         Ok(match self.impairment {
-            Some(link) => ImpairedSocket::start(wrapped, link),
+            Some(link) => ImpairedSocket::start(wrapped, link, self.created),
             None => wrapped,
         })
     }
@@ -170,13 +173,25 @@ pub struct Impairment {
     /// Bytes a socket may hold in flight in its delay line; past it, datagrams are dropped
     /// like a full router queue's (0 = 64 MiB).
     pub queue_bytes: usize,
+    /// An outage: every datagram is dropped for `outage` starting `outage_after` after the
+    /// runtime was created (a radio handover, a flapping route)…
+    pub outage_after: Duration,
+    /// …lasting this long (zero: none)…
+    pub outage: Duration,
+    /// …and again this long after each start (zero: once).
+    pub outage_every: Duration,
+    /// During an outage only datagrams at least this big are dropped (0: all). Big ones
+    /// carry data, small ones acknowledgements and pings: a link that loses a peer's data
+    /// while its acknowledgements get through, as when a queue drops full-size packets.
+    pub outage_min_bytes: usize,
 }
 
 /// Datagrams dropped by impaired sockets (at random, or by a full delay line), process-wide.
 pub static IMPAIRED_DROPS: AtomicU64 = AtomicU64::new(0);
 
 impl Impairment {
-    /// Reads `delay_ms=25,jitter_ms=2,loss=0.01,queue_kib=65536` (any subset, any order).
+    /// Reads `delay_ms=25,jitter_ms=2,loss=0.01,queue_kib=65536,outage_after_ms=5000,
+    /// outage_ms=3000,outage_every_ms=20000,outage_min_bytes=500` (any subset, any order).
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut i = Impairment::default();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -194,10 +209,26 @@ impl Impairment {
                 "jitter_ms" => i.jitter = Duration::from_secs_f64(number / 1000.0),
                 "loss" if number <= 1.0 => i.loss = number,
                 "queue_kib" => i.queue_bytes = (number as usize).saturating_mul(1024),
+                "outage_after_ms" => i.outage_after = Duration::from_secs_f64(number / 1000.0),
+                "outage_ms" => i.outage = Duration::from_secs_f64(number / 1000.0),
+                "outage_every_ms" => i.outage_every = Duration::from_secs_f64(number / 1000.0),
+                "outage_min_bytes" => i.outage_min_bytes = number as usize,
                 other => return Err(format!("unknown or out-of-range key {other:?}")),
             }
         }
         Ok(i)
+    }
+
+    /// Whether a datagram sent `since` the runtime's creation falls in an outage.
+    pub fn in_outage(&self, since: Duration) -> bool {
+        if self.outage.is_zero() || since < self.outage_after {
+            return false;
+        }
+        let mut into = since - self.outage_after;
+        if !self.outage_every.is_zero() {
+            into = Duration::from_nanos((into.as_nanos() % self.outage_every.as_nanos()) as u64);
+        }
+        into < self.outage
     }
 }
 
@@ -220,10 +251,16 @@ struct ImpairedSocket {
     queued: Arc<AtomicUsize>,
     /// When the last datagram leaves: no later one leaves before it.
     last: Mutex<Instant>,
+    /// The runtime's creation, which outages are timed from.
+    epoch: Instant,
 }
 
 impl ImpairedSocket {
-    fn start(inner: Arc<dyn AsyncUdpSocket>, link: Impairment) -> Arc<dyn AsyncUdpSocket> {
+    fn start(
+        inner: Arc<dyn AsyncUdpSocket>,
+        link: Impairment,
+        epoch: Instant,
+    ) -> Arc<dyn AsyncUdpSocket> {
         let (line, mut rx) = tokio::sync::mpsc::unbounded_channel::<Delayed>();
         let queued = Arc::new(AtomicUsize::new(0));
         let (sender, left) = (inner.clone(), queued.clone());
@@ -249,6 +286,7 @@ impl ImpairedSocket {
             line,
             queued,
             last: Mutex::new(Instant::now()),
+            epoch,
         })
     }
 
@@ -258,6 +296,8 @@ impl ImpairedSocket {
             n => n,
         };
         if fastrand::f64() < self.link.loss
+            || (bytes.len() >= self.link.outage_min_bytes
+                && self.link.in_outage(self.epoch.elapsed()))
             || self.queued.load(Ordering::Relaxed) + bytes.len() > cap
         {
             IMPAIRED_DROPS.fetch_add(1, Ordering::Relaxed);
@@ -351,6 +391,18 @@ mod tests {
         assert!(Impairment::parse("delay_ms=-1").is_err());
         assert!(Impairment::parse("rate=5").is_err());
         assert!(Impairment::parse("delay_ms").is_err());
+        let o = Impairment::parse("outage_after_ms=1000,outage_ms=300,outage_every_ms=2000")
+            .expect("parses");
+        let at = |ms| o.in_outage(Duration::from_millis(ms));
+        assert!(!at(999) && at(1000) && at(1299) && !at(1300) && !at(2999));
+        assert!(at(3000) && at(5100) && !at(5400));
+        let once = Impairment {
+            outage_every: Duration::ZERO,
+            ..o
+        };
+        assert!(once.in_outage(Duration::from_millis(1100)));
+        assert!(!once.in_outage(Duration::from_millis(3100)));
+        assert!(!Impairment::default().in_outage(Duration::from_secs(5)));
     }
 
     /// Sends `n` datagrams through an impaired socket to a plain one; returns how many
