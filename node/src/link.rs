@@ -118,7 +118,7 @@ impl Link {
         let heard = self.last_heard_ms.load(Relaxed);
         let alive = heard.max(self.last_acked_ms.load(Relaxed));
         now_ms.saturating_sub(alive) > timeout.as_millis() as u64
-            || now_ms.saturating_sub(heard) > max_silence.as_millis() as u64
+            || now_ms.saturating_sub(heard) > max_silence.max(timeout).as_millis() as u64
     }
 
     /// Sends one already-framed message, waiting for buffer space (back-pressure).
