@@ -93,6 +93,10 @@ pub struct PoolRunConfig {
     /// Seconds without progress before a node re-requests missing chunks.
     #[arg(long, default_value_t = 5)]
     pub missing_after: u64,
+    /// Milliseconds of its delivery rate each source is asked for (node default when unset;
+    /// 0: always the most).
+    #[arg(long)]
+    pub request_queue_ms: Option<u64>,
     /// MiB of relay cache per node.
     #[arg(long, default_value_t = 256)]
     pub cache_mib: u64,
@@ -443,6 +447,9 @@ pub async fn run(config: PoolRunConfig) -> anyhow::Result<PoolRunResult> {
             .rotate_after
             .map(|s| vec!["--rotate-after-secs".into(), s.to_string()])
             .unwrap_or_default();
+        if let Some(ms) = config.request_queue_ms {
+            args.extend(["--request-queue-ms".into(), ms.to_string()]);
+        }
         args.extend([
             "--tracker".into(),
             tracker_url.clone(),

@@ -4,7 +4,9 @@
 //! caller's buffer. No sockets, no clocks: the I/O shell drives it.
 //!
 //! Policy (DESIGN §5): requests are spread over every source that holds the chunks, at most
-//! `max_in_flight` chunks per source, so a download uses the mesh rather than one path. A
+//! `max_in_flight` chunks per source, so a download uses the mesh rather than one path; each
+//! source is asked for about `request_queue_time` of what it delivers (libtorrent's request
+//! queue time), so a slow or lossy link holds few chunks and the rest go to faster ones. A
 //! request that makes no progress for `missing_after`, from a source that sent nothing else
 //! meanwhile either (a busy source serves requests in order), is re-requested — exactly its missing
 //! ranges: from another source when one holds them, else from the same source with a
@@ -26,8 +28,14 @@ pub struct FetchConfig {
     pub origin_after: u32,
     /// No chunk at all for this long fails the download.
     pub give_up_after: Duration,
-    /// Chunks outstanding per source.
+    /// Chunks outstanding per source, at most.
     pub max_in_flight: u64,
+    /// Each source is asked for what it delivers in about this long (its measured rate),
+    /// within `min_in_flight..=max_in_flight`; before a rate is known, a quarter of
+    /// `max_in_flight`. Zero: always `max_in_flight`.
+    pub request_queue_time: Duration,
+    /// Chunks outstanding per source, at least (when it has a rate).
+    pub min_in_flight: u64,
     /// Relays are asked only after nothing missing has been held by a direct source for
     /// this long. A relay's upstream queue is shared by everyone it relays for, so relayed
     /// requests wait long and stall; a neighbour that holds chunks is soon offered.
@@ -41,6 +49,8 @@ impl Default for FetchConfig {
             origin_after: 3,
             give_up_after: Duration::from_secs(120),
             max_in_flight: 64,
+            request_queue_time: Duration::from_secs(3),
+            min_in_flight: 2,
             relay_after: Duration::from_secs(2),
         }
     }
@@ -85,6 +95,47 @@ pub enum FetchOutput<P> {
     Failed(String),
 }
 
+/// How fast one source delivers, measured over busy stretches of at least `PACE_PERIOD`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pace {
+    /// Chunks per second, smoothed; `None` until a period completed.
+    rate: Option<f64>,
+    /// Start of the current period (`None`: the source had nothing to do).
+    since: Option<Instant>,
+    /// Chunks delivered in the current period.
+    count: u64,
+}
+
+/// Shortest stretch a delivery rate is measured over.
+const PACE_PERIOD: Duration = Duration::from_millis(500);
+
+impl Pace {
+    fn on_chunk(&mut self, now: Instant) {
+        let Some(since) = self.since else { return };
+        self.count += 1;
+        let elapsed = now.duration_since(since);
+        if elapsed >= PACE_PERIOD {
+            let sample = self.count as f64 / elapsed.as_secs_f64();
+            self.rate = Some(self.rate.map_or(sample, |r| (r + sample) / 2.0));
+            self.since = Some(now);
+            self.count = 0;
+        }
+    }
+
+    /// Chunks to keep outstanding at this source.
+    fn allowance(&self, c: &FetchConfig) -> u64 {
+        let max = c.max_in_flight.max(1);
+        if c.request_queue_time.is_zero() {
+            return max;
+        }
+        match self.rate {
+            None => (max / 4).max(c.min_in_flight).clamp(1, max),
+            Some(r) => ((r * c.request_queue_time.as_secs_f64()).ceil() as u64)
+                .clamp(c.min_in_flight.clamp(1, max), max),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct InFlight<P> {
     source: P,
@@ -105,6 +156,8 @@ pub struct Fetch<P> {
     /// When a chunk last arrived from each source: a request queued behind others at a
     /// busy source is waiting, not stalled.
     heard_from: Vec<(P, Instant)>,
+    /// Each source's delivery rate (one entry per source in `sources`).
+    pace: Vec<(P, Pace)>,
     in_flight: BTreeMap<u64, InFlight<P>>,
     /// Chunks waiting for a source.
     waiting: Waiting,
@@ -141,6 +194,7 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             have,
             sources: Vec::new(),
             heard_from: Vec::new(),
+            pace: Vec::new(),
             in_flight: BTreeMap::new(),
             next_request_id: first_request_id,
             last_progress: now,
@@ -269,6 +323,7 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
     pub fn remove_source(&mut self, source: &P) {
         self.sources.retain(|(s, ..)| s != source);
         self.heard_from.retain(|(s, _)| s != source);
+        self.pace.retain(|(s, _)| s != source);
         let lost: Vec<u64> = self
             .in_flight
             .iter()
@@ -292,6 +347,9 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             match self.heard_from.iter_mut().find(|(s, _)| *s == f.source) {
                 Some(entry) => entry.1 = now,
                 None => self.heard_from.push((f.source.clone(), now)),
+            }
+            if let Some((_, pace)) = self.pace.iter_mut().find(|(s, _)| *s == f.source) {
+                pace.on_chunk(now);
             }
             if f.outstanding.is_empty() {
                 self.in_flight.remove(&request_id);
@@ -442,11 +500,19 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
         while !self.waiting.all.is_empty() && idle_rounds < n {
             let i = self.next_source % n;
             self.next_source = i + 1;
-            let room = self.config.max_in_flight.saturating_sub(busy[i]);
+            let pace = match self.pace.iter().position(|(s, _)| *s == self.sources[i].0) {
+                Some(p) => p,
+                None => {
+                    self.pace.push((self.sources[i].0.clone(), Pace::default()));
+                    self.pace.len() - 1
+                }
+            };
+            let allowance = self.pace[pace].1.allowance(&self.config);
+            let room = allowance.saturating_sub(busy[i]);
             // A source with a deep queue gets more once a quarter of it has drained, not a
             // request per chunk that arrived: one request then carries many chunks, and
             // every hop on its path does its work once for them.
-            let min_batch = (self.config.max_in_flight / 4).max(1);
+            let min_batch = (allowance / 4).max(1);
             if room == 0 || (busy[i] > 0 && room < min_batch) {
                 idle_rounds += 1;
                 continue;
@@ -467,6 +533,20 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             };
             idle_rounds = 0;
             let source = source.clone();
+            // A period of the source's rate runs while it has work, not across a long idle
+            // stretch (a momentary gap, where it drained its queue before we asked again,
+            // counts: it says the allowance is short).
+            let idle = busy[i] == 0
+                && self
+                    .heard_from
+                    .iter()
+                    .find(|(s, _)| *s == source)
+                    .is_none_or(|(_, t)| now.duration_since(*t) >= PACE_PERIOD);
+            let p = &mut self.pace[pace].1;
+            if idle || p.since.is_none() {
+                p.since = Some(now);
+                p.count = 0;
+            }
             busy[i] += ranges.len();
             let request_id = self.next_request_id;
             self.next_request_id += 1;
@@ -597,6 +677,8 @@ mod tests {
             origin_after: 3,
             give_up_after: Duration::from_secs(60),
             max_in_flight: 4,
+            request_queue_time: Duration::ZERO,
+            min_in_flight: 1,
             relay_after: Duration::ZERO,
         }
     }
@@ -928,5 +1010,78 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_slow_source_is_asked_for_a_few_seconds_of_its_rate_and_a_fast_one_for_the_most() {
+        let cfg = FetchConfig {
+            max_in_flight: 64,
+            request_queue_time: Duration::from_secs(3),
+            min_in_flight: 2,
+            ..config()
+        };
+        let t0 = Instant::now();
+        let mut f = Fetch::new(&meta(100_000), ChunkRanges::new(), cfg, t0, 1).expect("shape");
+        f.add_source(1u8, ChunkRanges::full(100_000));
+        f.add_source(2u8, ChunkRanges::full(100_000));
+        // Chunks asked of each source, in the order it serves them.
+        let mut queues: [std::collections::VecDeque<(u64, u32)>; 2] = Default::default();
+        let mut out = Vec::new();
+        let outstanding =
+            |q: &[std::collections::VecDeque<(u64, u32)>; 2]| [q[0].len(), q[1].len()];
+        let (mut first, mut last) = (None, [0, 0]);
+        // 10 s in 10 ms steps: source 1 delivers 20 chunks a step (2,000/s), source 2 one
+        // every 250 ms (4/s).
+        for step in 0..1000u32 {
+            let now = t0 + Duration::from_millis(10 * u64::from(step));
+            out.clear();
+            f.poll(now, &mut out);
+            for (source, id, ranges, _) in requests(&out) {
+                queues[usize::from(source - 1)].extend(ranges.into_iter().map(|i| (id, i)));
+            }
+            first.get_or_insert(outstanding(&queues));
+            last = outstanding(&queues);
+            for _ in 0..20 {
+                if let Some((id, i)) = queues[0].pop_front() {
+                    f.on_chunk(now, id, i);
+                }
+            }
+            if step % 25 == 0
+                && let Some((id, i)) = queues[1].pop_front()
+            {
+                f.on_chunk(now, id, i);
+            }
+        }
+        // Before any rate is known each gets a quarter of the most.
+        assert_eq!(first, Some([16, 16]));
+        // What each holds right after the last round of requests.
+        let [fast, slow] = last;
+        assert!(fast > 16 && fast <= 64, "fast source holds {fast}");
+        // 4 chunks/s for 3 s: about 12, not the 64 the fast one may hold.
+        assert!((6..=16).contains(&slow), "slow source holds {slow}");
+        assert!(f.duplicates == 0 && f.missing_rounds == 0);
+    }
+
+    #[test]
+    fn a_zero_request_queue_time_keeps_the_fixed_bound() {
+        let p = Pace {
+            rate: Some(0.1),
+            ..Pace::default()
+        };
+        let fixed = config();
+        assert_eq!(p.allowance(&fixed), fixed.max_in_flight);
+        let paced = FetchConfig {
+            max_in_flight: 64,
+            request_queue_time: Duration::from_secs(3),
+            min_in_flight: 2,
+            ..config()
+        };
+        assert_eq!(p.allowance(&paced), 2, "never below the floor");
+        assert_eq!(Pace::default().allowance(&paced), 16);
+        let fast = Pace {
+            rate: Some(1e6),
+            ..Pace::default()
+        };
+        assert_eq!(fast.allowance(&paced), 64, "never above the most");
     }
 }

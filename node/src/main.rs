@@ -61,6 +61,10 @@ struct PoolArgs {
     /// Seconds without any chunk before a download gives up.
     #[arg(long, default_value_t = 120)]
     give_up_after_secs: u64,
+    /// Each source is asked for about this many milliseconds of what it delivers, so a
+    /// slow or lossy link holds few chunks (0: always the most, 64 chunks).
+    #[arg(long, default_value_t = 3000)]
+    request_queue_ms: u64,
     /// Milliseconds between `--json` status lines.
     #[arg(long, default_value_t = 1000)]
     status_every_ms: u64,
@@ -210,6 +214,7 @@ async fn start_pool(j: &PoolArgs, super_seed: bool) -> anyhow::Result<Pool> {
     };
     pool_config.fetch.missing_after = Duration::from_secs(j.missing_after_secs.max(1));
     pool_config.fetch.give_up_after = Duration::from_secs(j.give_up_after_secs.max(1));
+    pool_config.fetch.request_queue_time = Duration::from_millis(j.request_queue_ms);
     let mut config = node_config(j);
     config.max_message_size = Pool::message_size_for(pool_config.chunk_size);
     let node = Node::join(config).await.context("joining the pool")?;

@@ -5,6 +5,8 @@
 //!
 //! Usage: node-bulk compare [--mib 256] [--rounds 3]
 //!        node-bulk library|raw [--mib 256]      (one run; prints one JSON line)
+//! Either takes `--window-kib K` (SCTP receive window) and `--send-kib K` (send-buffer
+//! limit) to try other settings than the node's defaults (4 MiB each).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +34,15 @@ fn arg(name: &str, default: u64) -> u64 {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The node's config for these runs, with the window and send-buffer limit overridden.
+fn bulk_config(tracker_url: String) -> NodeConfig {
+    let mut c = NodeConfig::new(tracker_url, "bulk").for_loopback();
+    c.sctp_receive_window =
+        arg("--window-kib", u64::from(c.sctp_receive_window) >> 10) as u32 * 1024;
+    c.send_buffer_limit = arg("--send-kib", c.send_buffer_limit as u64 >> 10) as usize * 1024;
+    c
 }
 
 /// CPU seconds (user + system) and peak RSS in KiB of this process, from /proc.
@@ -68,7 +79,7 @@ async fn library(total: u64) -> anyhow::Result<()> {
     let mut tc = tidepool_tracker::Config::default();
     tc.network.listen = "127.0.0.1:0".parse()?;
     let tracker = tidepool_tracker::Tracker::start(tc)?;
-    let config = NodeConfig::new(tracker.url(), "bulk").for_loopback();
+    let config = bulk_config(tracker.url());
     let sender = Node::join(config.clone()).await?;
     let mut rc = config;
     rc.peer_id = tidepool_node::config::random_peer_id();
@@ -172,7 +183,7 @@ async fn bare(
 }
 
 async fn raw(total: u64) -> anyhow::Result<()> {
-    let config = NodeConfig::new("ws://unused", "bulk").for_loopback();
+    let config = bulk_config("ws://unused".into());
     let runtime = Arc::new(tidepool_node::udp::BufferedRuntime::new(
         config.udp_socket_buffer,
     ));
