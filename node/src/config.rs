@@ -59,7 +59,9 @@ pub struct NodeConfig {
     pub heartbeat_interval: Duration,
     /// A peer is disconnected when, for this long, no frame arrived from it and its SCTP
     /// stack acknowledged none of our data (a peer whose data waits out SCTP's retransmission
-    /// backoff on a lossy link still acknowledges our pings, and is kept).
+    /// backoff on a lossy link still acknowledges our pings, and is kept). Acknowledgements
+    /// are looked at once per `heartbeat_interval`, so a dead peer goes within this plus one
+    /// interval.
     pub heartbeat_timeout: Duration,
     /// A peer whose stack acknowledges our data but that sends no frame for this long (its
     /// pongs never come) is disconnected all the same (never sooner than `heartbeat_timeout`).
@@ -109,7 +111,7 @@ impl NodeConfig {
             rotate_after: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
-            max_silence: Duration::from_secs(60),
+            max_silence: Duration::from_secs(30),
             loopback_only: false,
             ice_servers: Vec::new(),
             udp_socket_buffer: 4 << 20,

@@ -32,9 +32,9 @@ pub struct FetchConfig {
     pub max_in_flight: u64,
     /// Each source is asked for what it delivers in about this long (its measured rate),
     /// within `min_in_flight..=max_in_flight`; before a rate is known, a quarter of
-    /// `max_in_flight`. Zero: always `max_in_flight`.
+    /// `max_in_flight` (at least `min_in_flight`). Zero: always `max_in_flight`.
     pub request_queue_time: Duration,
-    /// Chunks outstanding per source, at least (when it has a rate).
+    /// Chunks outstanding per source, at least (unless `request_queue_time` is zero).
     pub min_in_flight: u64,
     /// Relays are asked only after nothing missing has been held by a direct source for
     /// this long. A relay's upstream queue is shared by everyone it relays for, so relayed
@@ -95,14 +95,20 @@ pub enum FetchOutput<P> {
     Failed(String),
 }
 
-/// How fast one source delivers, measured over busy stretches of at least `PACE_PERIOD`.
+/// How fast one source delivers: chunks over stretches of at least `PACE_PERIOD` in which
+/// they kept coming. A stretch opens at a chunk, so the wait for a request's first chunk is
+/// not counted (else a source far away would be asked for less and less); a gap of a
+/// period or more closes it (the source had nothing of ours to send). A stall — a request
+/// silent for `missing_after` — halves the rate.
 #[derive(Debug, Clone, Copy, Default)]
 struct Pace {
-    /// Chunks per second, smoothed; `None` until a period completed.
+    /// Chunks per second, smoothed; `None` until a stretch was measured or a stall seen.
     rate: Option<f64>,
-    /// Start of the current period (`None`: the source had nothing to do).
+    /// The chunk that opened the current stretch.
     since: Option<Instant>,
-    /// Chunks delivered in the current period.
+    /// The latest chunk.
+    last: Option<Instant>,
+    /// Chunks since `since`.
     count: u64,
 }
 
@@ -111,15 +117,28 @@ const PACE_PERIOD: Duration = Duration::from_millis(500);
 
 impl Pace {
     fn on_chunk(&mut self, now: Instant) {
-        let Some(since) = self.since else { return };
-        self.count += 1;
-        let elapsed = now.duration_since(since);
-        if elapsed >= PACE_PERIOD {
-            let sample = self.count as f64 / elapsed.as_secs_f64();
-            self.rate = Some(self.rate.map_or(sample, |r| (r + sample) / 2.0));
-            self.since = Some(now);
-            self.count = 0;
+        match (self.since, self.last) {
+            (Some(since), Some(last)) if now.duration_since(last) < PACE_PERIOD => {
+                self.count += 1;
+                let elapsed = now.duration_since(since);
+                if elapsed >= PACE_PERIOD {
+                    let sample = self.count as f64 / elapsed.as_secs_f64();
+                    self.rate = Some(self.rate.map_or(sample, |r| (r + sample) / 2.0));
+                    self.since = Some(now);
+                    self.count = 0;
+                }
+            }
+            _ => {
+                self.since = Some(now);
+                self.count = 0;
+            }
         }
+        self.last = Some(now);
+    }
+
+    fn on_stall(&mut self) {
+        self.rate = Some(self.rate.map_or(0.0, |r| r / 2.0));
+        self.since = None;
     }
 
     /// Chunks to keep outstanding at this source.
@@ -156,7 +175,8 @@ pub struct Fetch<P> {
     /// When a chunk last arrived from each source: a request queued behind others at a
     /// busy source is waiting, not stalled.
     heard_from: Vec<(P, Instant)>,
-    /// Each source's delivery rate (one entry per source in `sources`).
+    /// Each source's delivery rate (at most one entry per source in `sources`, made when
+    /// it is first asked, removed with it).
     pace: Vec<(P, Pace)>,
     in_flight: BTreeMap<u64, InFlight<P>>,
     /// Chunks waiting for a source.
@@ -339,9 +359,12 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
         }
     }
 
-    /// A verified chunk arrived for `request_id`. Returns false for a duplicate.
-    pub fn on_chunk(&mut self, now: Instant, request_id: u64, index: u32) -> bool {
-        if let Some(f) = self.in_flight.get_mut(&request_id) {
+    /// A verified chunk arrived from `from` for `request_id`. Returns false for a duplicate.
+    /// Only the source asked under that id gets credit for it (progress, its rate).
+    pub fn on_chunk(&mut self, now: Instant, from: &P, request_id: u64, index: u32) -> bool {
+        if let Some(f) = self.in_flight.get_mut(&request_id)
+            && f.source == *from
+        {
             f.outstanding.remove(index..index + 1);
             f.last_progress = now;
             match self.heard_from.iter_mut().find(|(s, _)| *s == f.source) {
@@ -414,6 +437,21 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             })
             .map(|(id, _)| *id)
             .collect();
+        // A stalled source is asked for less until it delivers again (once per poll, however
+        // many of its requests stalled together).
+        let mut slowed: Vec<P> = Vec::new();
+        for id in &stalled {
+            if let Some(f) = self.in_flight.get(id)
+                && !slowed.contains(&f.source)
+            {
+                slowed.push(f.source.clone());
+            }
+        }
+        for source in &slowed {
+            if let Some((_, pace)) = self.pace.iter_mut().find(|(s, _)| s == source) {
+                pace.on_stall();
+            }
+        }
         for id in stalled {
             let Some(f) = self.in_flight.get_mut(&id) else {
                 continue;
@@ -533,20 +571,6 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             };
             idle_rounds = 0;
             let source = source.clone();
-            // A period of the source's rate runs while it has work, not across a long idle
-            // stretch (a momentary gap, where it drained its queue before we asked again,
-            // counts: it says the allowance is short).
-            let idle = busy[i] == 0
-                && self
-                    .heard_from
-                    .iter()
-                    .find(|(s, _)| *s == source)
-                    .is_none_or(|(_, t)| now.duration_since(*t) >= PACE_PERIOD);
-            let p = &mut self.pace[pace].1;
-            if idle || p.since.is_none() {
-                p.since = Some(now);
-                p.count = 0;
-            }
             busy[i] += ranges.len();
             let request_id = self.next_request_id;
             self.next_request_id += 1;
@@ -683,6 +707,12 @@ mod tests {
         }
     }
 
+    /// A chunk arriving from whoever was asked for `request_id`.
+    fn chunk(f: &mut Fetch<u8>, now: Instant, request_id: u64, index: u32) -> bool {
+        let from = f.in_flight.get(&request_id).map_or(0, |r| r.source);
+        f.on_chunk(now, &from, request_id, index)
+    }
+
     fn requests(out: &[FetchOutput<u8>]) -> Vec<(u8, u64, Vec<u32>, bool)> {
         out.iter()
             .filter_map(|o| match o {
@@ -713,7 +743,7 @@ mod tests {
         // Room frees as chunks arrive; the rest goes out then, every chunk asked once.
         let first = r[0].clone();
         for i in &first.2 {
-            assert!(f.on_chunk(t, first.1, *i));
+            assert!(chunk(&mut f, t, first.1, *i));
         }
         out.clear();
         f.poll(t, &mut out);
@@ -743,7 +773,7 @@ mod tests {
         while asked.len() < 20 {
             for (_, id, chunks, _) in &r {
                 for i in chunks {
-                    assert!(f.on_chunk(t, *id, *i));
+                    assert!(chunk(&mut f, t, *id, *i));
                 }
             }
             out.clear();
@@ -797,7 +827,7 @@ mod tests {
         assert_eq!(r, vec![(1, 1, vec![2, 3, 4, 5], false)]);
         assert_eq!(f.promisable(&all), ChunkRanges::from_range(2..6));
         for i in 2..6 {
-            assert!(f.on_chunk(t, 1, i));
+            assert!(chunk(&mut f, t, 1, i));
         }
         out.clear();
         f.poll(t, &mut out);
@@ -837,8 +867,8 @@ mod tests {
         f.poll(t, &mut out);
         let first = requests(&out);
         assert_eq!(first, vec![(1, 1, vec![0, 1, 2, 3], false)]);
-        assert!(f.on_chunk(t + Duration::from_secs(1), 1, 0));
-        assert!(f.on_chunk(t + Duration::from_secs(1), 1, 2));
+        assert!(chunk(&mut f, t + Duration::from_secs(1), 1, 0));
+        assert!(chunk(&mut f, t + Duration::from_secs(1), 1, 2));
         f.add_source(2u8, ChunkRanges::full(4));
         // Silent for missing_after since the last chunk: chunks 1 and 3 go to source 2.
         out.clear();
@@ -872,7 +902,7 @@ mod tests {
         f.add_source(1u8, ChunkRanges::full(4));
         let mut out = Vec::new();
         f.poll(t, &mut out);
-        assert!(f.on_chunk(t, 1, 1));
+        assert!(chunk(&mut f, t, 1, 1));
         let mut now = t;
         for round in 1..=2 {
             now += Duration::from_secs(5);
@@ -889,7 +919,7 @@ mod tests {
             );
         }
         // A chunk on the open request still counts.
-        assert!(f.on_chunk(now, 1, 2));
+        assert!(chunk(&mut f, now, 1, 2));
         now += Duration::from_secs(5);
         out.clear();
         f.poll(now, &mut out);
@@ -922,7 +952,7 @@ mod tests {
         assert_eq!(r, vec![(2, vec![0, 1, 2]), (3, vec![5])]);
         for (_, id, chunks, _) in requests(&out) {
             for i in chunks {
-                f.on_chunk(t, id, i);
+                chunk(&mut f, t, id, i);
             }
         }
         // Nothing left at a holder: the relays get 3 and 4 once `relay_after` has passed.
@@ -949,12 +979,12 @@ mod tests {
         f.poll(t, &mut out);
         assert_eq!(requests(&out), vec![(1, 1, vec![0, 1], false)]);
         let s = Duration::from_secs;
-        assert!(f.on_chunk(t + s(1), 1, 0));
+        assert!(chunk(&mut f, t + s(1), 1, 0));
         out.clear();
         f.poll(t + s(1), &mut out);
         assert_eq!(requests(&out), vec![(1, 2, vec![2], false)]);
         // Request 2 has seen nothing for 6 s, but the source sent request 1's chunk 1 s ago.
-        assert!(f.on_chunk(t + s(6), 1, 1));
+        assert!(chunk(&mut f, t + s(6), 1, 1));
         out.clear();
         f.poll(t + s(7), &mut out);
         assert!(
@@ -985,9 +1015,9 @@ mod tests {
         f.poll(t, &mut out);
         assert_eq!(requests(&out), vec![(2, 2, vec![0, 1, 2, 3], false)]);
         for i in 0..4 {
-            assert!(f.on_chunk(t, 2, i));
+            assert!(chunk(&mut f, t, 2, i));
         }
-        assert!(!f.on_chunk(t, 2, 1), "duplicate");
+        assert!(!chunk(&mut f, t, 2, 1), "duplicate");
         assert_eq!(f.duplicates, 1);
         out.clear();
         f.poll(t, &mut out);
@@ -1029,7 +1059,7 @@ mod tests {
         let mut out = Vec::new();
         let outstanding =
             |q: &[std::collections::VecDeque<(u64, u32)>; 2]| [q[0].len(), q[1].len()];
-        let (mut first, mut last) = (None, [0, 0]);
+        let (mut first, mut last, mut slow_most) = (None, [0, 0], 0);
         // 10 s in 10 ms steps: source 1 delivers 20 chunks a step (2,000/s), source 2 one
         // every 250 ms (4/s).
         for step in 0..1000u32 {
@@ -1041,15 +1071,18 @@ mod tests {
             }
             first.get_or_insert(outstanding(&queues));
             last = outstanding(&queues);
+            if step >= 900 {
+                slow_most = slow_most.max(last[1]);
+            }
             for _ in 0..20 {
                 if let Some((id, i)) = queues[0].pop_front() {
-                    f.on_chunk(now, id, i);
+                    chunk(&mut f, now, id, i);
                 }
             }
             if step % 25 == 0
                 && let Some((id, i)) = queues[1].pop_front()
             {
-                f.on_chunk(now, id, i);
+                chunk(&mut f, now, id, i);
             }
         }
         // Before any rate is known each gets a quarter of the most.
@@ -1057,8 +1090,13 @@ mod tests {
         // What each holds right after the last round of requests.
         let [fast, slow] = last;
         assert!(fast > 16 && fast <= 64, "fast source holds {fast}");
-        // 4 chunks/s for 3 s: about 12, not the 64 the fast one may hold.
-        assert!((6..=16).contains(&slow), "slow source holds {slow}");
+        // 4 chunks/s for 3 s: 12 (13 with rounding), never the 16 it started with, nor the
+        // 64 the fast one may hold.
+        assert!(slow >= 6, "slow source holds {slow}");
+        assert!(
+            slow_most <= 13,
+            "slow source held up to {slow_most} in the last second"
+        );
         assert!(f.duplicates == 0 && f.missing_rounds == 0);
     }
 
@@ -1083,5 +1121,63 @@ mod tests {
             ..Pace::default()
         };
         assert_eq!(fast.allowance(&paced), 64, "never above the most");
+    }
+
+    #[test]
+    fn a_stall_halves_a_sources_rate_and_the_wait_for_a_first_chunk_is_not_counted() {
+        let paced = FetchConfig {
+            max_in_flight: 64,
+            request_queue_time: Duration::from_secs(3),
+            min_in_flight: 2,
+            ..config()
+        };
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let mut p = Pace::default();
+        // A long wait, then 10 chunks/s: the wait opens nothing, the stretch measures 10/s.
+        for i in 0..=10 {
+            p.on_chunk(ms(5_000 + 100 * i));
+        }
+        assert!(
+            p.rate.is_some_and(|r| (9.0..=11.0).contains(&r)),
+            "{:?}",
+            p.rate
+        );
+        assert_eq!(p.allowance(&paced), 30);
+        // A gap of a period or more closes the stretch instead of counting as slowness.
+        p.on_chunk(ms(9_000));
+        p.on_chunk(ms(9_100));
+        assert!(p.rate.is_some_and(|r| r >= 9.0), "{:?}", p.rate);
+        p.on_stall();
+        assert_eq!(p.allowance(&paced), 15);
+        let mut never = Pace::default();
+        never.on_stall();
+        assert_eq!(
+            never.allowance(&paced),
+            2,
+            "a source that stalled first gets the least"
+        );
+    }
+
+    #[test]
+    fn a_chunk_sent_under_another_sources_request_id_does_not_keep_that_request_alive() {
+        let t = Instant::now();
+        let mut f = Fetch::new(&meta(10), ChunkRanges::new(), config(), t, 1).expect("shape");
+        f.add_source(1u8, ChunkRanges::full(10));
+        let mut out = Vec::new();
+        f.poll(t, &mut out);
+        assert_eq!(requests(&out), vec![(1, 1, vec![0, 1, 2, 3], false)]);
+        // Peer 2 hands over chunk 0 tagged with source 1's request: the chunk is kept, but
+        // source 1 has still sent nothing.
+        assert!(f.on_chunk(t + Duration::from_secs(3), &2, 1, 0));
+        out.clear();
+        f.poll(t + Duration::from_millis(5_500), &mut out);
+        assert!(
+            out.iter().any(|o| matches!(
+                o,
+                FetchOutput::Missing { source: 1, request_id: 1, ranges } if ranges.iter().collect::<Vec<_>>() == vec![1, 2, 3]
+            )),
+            "request 1 counts as stalled 5 s after it was sent: {out:?}"
+        );
     }
 }

@@ -115,10 +115,11 @@ impl Link {
     /// Whether the peer counts as gone: neither a frame from it nor an acknowledgement of
     /// ours within `timeout`, or no frame within `max_silence`.
     pub(crate) fn silent(&self, now_ms: u64, timeout: Duration, max_silence: Duration) -> bool {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let heard = self.last_heard_ms.load(Relaxed);
         let alive = heard.max(self.last_acked_ms.load(Relaxed));
-        now_ms.saturating_sub(alive) > timeout.as_millis() as u64
-            || now_ms.saturating_sub(heard) > max_silence.max(timeout).as_millis() as u64
+        now_ms.saturating_sub(alive) > ms(timeout)
+            || now_ms.saturating_sub(heard) > ms(max_silence.max(timeout))
     }
 
     /// Sends one already-framed message, waiting for buffer space (back-pressure).

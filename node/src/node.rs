@@ -136,7 +136,7 @@ impl Node {
         let (events_tx, events_rx) = mpsc::channel(config.event_queue);
         let (lifecycle_tx, lifecycle_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            runtime: Arc::new(match config.impairment {
+            runtime: Arc::new(match config.impairment.clone() {
                 Some(i) => BufferedRuntime::impaired(config.udp_socket_buffer, i),
                 None => BufferedRuntime::new(config.udp_socket_buffer),
             }),
@@ -862,12 +862,15 @@ impl Core {
         }
         if ping_due {
             self.last_ping = now;
-            let nonce = self.inner.now_us();
             for l in ping {
+                let inner = self.inner.clone();
                 tokio::spawn(async move {
                     // Acknowledgements of what we sent, the last ping included, count as
                     // signs of life: looked at once per interval, just before the next ping.
                     l.sample_acks(now_ms).await;
+                    // Stamped after the look (which waits for the connection's lock), so the
+                    // round trip measures the network, not our lock.
+                    let nonce = inner.now_us();
                     // try_send: a full control channel means the peer is alive but busy.
                     l.try_send_control(wire::heartbeat(false, nonce)).await;
                 });

@@ -66,6 +66,7 @@ impl BufferedRuntime {
 
     /// The same, with sends impaired as given (tests and benchmarks).
     pub fn impaired(buffer: usize, impairment: Impairment) -> Self {
+        tracing::warn!(?impairment, "UDP sends are impaired: for tests only");
         Self {
             impairment: Some(impairment),
             ..Self::new(buffer)
@@ -111,8 +112,8 @@ impl Runtime for BufferedRuntime {
             }
         }
         let wrapped = self.inner.wrap_udp_socket(socket)?;
-        Ok(match self.impairment {
-            Some(link) => ImpairedSocket::start(wrapped, link, self.created),
+        Ok(match &self.impairment {
+            Some(link) => ImpairedSocket::start(wrapped, link.clone(), self.created),
             None => wrapped,
         })
     }
@@ -161,7 +162,7 @@ impl Runtime for BufferedRuntime {
 
 /// A link's impairment, applied to every datagram a socket sends: sending both ways through
 /// impaired sockets gives a round trip of twice `delay`.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Impairment {
     /// One-way delay added to every datagram.
     pub delay: Duration,
@@ -174,7 +175,8 @@ pub struct Impairment {
     /// like a full router queue's (0 = 64 MiB).
     pub queue_bytes: usize,
     /// An outage: every datagram is dropped for `outage` starting `outage_after` after the
-    /// runtime was created (a radio handover, a flapping route)…
+    /// runtime was created, or after `outage_clock` was started (a radio handover, a
+    /// flapping route)…
     pub outage_after: Duration,
     /// …lasting this long (zero: none)…
     pub outage: Duration,
@@ -184,6 +186,20 @@ pub struct Impairment {
     /// carry data, small ones acknowledgements and pings: a link that loses a peer's data
     /// while its acknowledgements get through, as when a queue drops full-size packets.
     pub outage_min_bytes: usize,
+    /// When set, outages are timed from its start (none before), not from the runtime's
+    /// creation: a test starts it once its connection is up.
+    pub outage_clock: Option<OutageClock>,
+}
+
+/// The moment outages are timed from, set by a test (see [`Impairment::outage_clock`]).
+#[derive(Debug, Clone, Default)]
+pub struct OutageClock(Arc<std::sync::OnceLock<Instant>>);
+
+impl OutageClock {
+    /// Starts the clock now (later calls change nothing).
+    pub fn start(&self) {
+        let _ = self.0.set(Instant::now());
+    }
 }
 
 /// Datagrams dropped by impaired sockets (at random, or by a full delay line), process-wide.
@@ -204,14 +220,18 @@ impl Impairment {
             if !number.is_finite() || number < 0.0 {
                 return Err(format!("{key} must be a non-negative number"));
             }
+            let ms = || {
+                Duration::try_from_secs_f64(number / 1000.0)
+                    .map_err(|_| format!("{key}={value} is out of range"))
+            };
             match key {
-                "delay_ms" => i.delay = Duration::from_secs_f64(number / 1000.0),
-                "jitter_ms" => i.jitter = Duration::from_secs_f64(number / 1000.0),
+                "delay_ms" => i.delay = ms()?,
+                "jitter_ms" => i.jitter = ms()?,
                 "loss" if number <= 1.0 => i.loss = number,
                 "queue_kib" => i.queue_bytes = (number as usize).saturating_mul(1024),
-                "outage_after_ms" => i.outage_after = Duration::from_secs_f64(number / 1000.0),
-                "outage_ms" => i.outage = Duration::from_secs_f64(number / 1000.0),
-                "outage_every_ms" => i.outage_every = Duration::from_secs_f64(number / 1000.0),
+                "outage_after_ms" => i.outage_after = ms()?,
+                "outage_ms" => i.outage = ms()?,
+                "outage_every_ms" => i.outage_every = ms()?,
                 "outage_min_bytes" => i.outage_min_bytes = number as usize,
                 other => return Err(format!("unknown or out-of-range key {other:?}")),
             }
@@ -290,14 +310,21 @@ impl ImpairedSocket {
         })
     }
 
+    fn in_outage(&self) -> bool {
+        let since = match &self.link.outage_clock {
+            Some(clock) => clock.0.get().map(Instant::elapsed),
+            None => Some(self.epoch.elapsed()),
+        };
+        since.is_some_and(|d| self.link.in_outage(d))
+    }
+
     fn enqueue(&self, to: SocketAddr, src_ip: Option<std::net::IpAddr>, bytes: &[u8]) {
         let cap = match self.link.queue_bytes {
             0 => 64 << 20,
             n => n,
         };
         if fastrand::f64() < self.link.loss
-            || (bytes.len() >= self.link.outage_min_bytes
-                && self.link.in_outage(self.epoch.elapsed()))
+            || (bytes.len() >= self.link.outage_min_bytes && self.in_outage())
             || self.queued.load(Ordering::Relaxed) + bytes.len() > cap
         {
             IMPAIRED_DROPS.fetch_add(1, Ordering::Relaxed);
@@ -391,6 +418,10 @@ mod tests {
         assert!(Impairment::parse("delay_ms=-1").is_err());
         assert!(Impairment::parse("rate=5").is_err());
         assert!(Impairment::parse("delay_ms").is_err());
+        assert!(
+            Impairment::parse("outage_ms=1e30").is_err(),
+            "refused, not a panic"
+        );
         let o = Impairment::parse("outage_after_ms=1000,outage_ms=300,outage_every_ms=2000")
             .expect("parses");
         let at = |ms| o.in_outage(Duration::from_millis(ms));
@@ -398,7 +429,7 @@ mod tests {
         assert!(at(3000) && at(5100) && !at(5400));
         let once = Impairment {
             outage_every: Duration::ZERO,
-            ..o
+            ..o.clone()
         };
         assert!(once.in_outage(Duration::from_millis(1100)));
         assert!(!once.in_outage(Duration::from_millis(3100)));

@@ -39,9 +39,11 @@ fn arg(name: &str, default: u64) -> u64 {
 /// The node's config for these runs, with the window and send-buffer limit overridden.
 fn bulk_config(tracker_url: String) -> NodeConfig {
     let mut c = NodeConfig::new(tracker_url, "bulk").for_loopback();
-    c.sctp_receive_window =
-        arg("--window-kib", u64::from(c.sctp_receive_window) >> 10) as u32 * 1024;
-    c.send_buffer_limit = arg("--send-kib", c.send_buffer_limit as u64 >> 10) as usize * 1024;
+    let kib = |name, default: u64| arg(name, default).saturating_mul(1024);
+    let window = kib("--window-kib", u64::from(c.sctp_receive_window) >> 10);
+    c.sctp_receive_window = u32::try_from(window).unwrap_or(u32::MAX);
+    let send = kib("--send-kib", c.send_buffer_limit as u64 >> 10);
+    c.send_buffer_limit = usize::try_from(send).unwrap_or(usize::MAX);
     c
 }
 

@@ -240,7 +240,7 @@ impl PoolEngine {
             } else {
                 job.request_id
             };
-            a.fetch.on_chunk(self.now, request_id, index);
+            a.fetch.on_chunk(self.now, &job.peer, request_id, index);
             self.dirty.insert(job.file_id);
             if s.new {
                 self.fulfil(job.file_id, index, &job.chunk);
