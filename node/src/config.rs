@@ -64,7 +64,9 @@ pub struct NodeConfig {
     /// interval.
     pub heartbeat_timeout: Duration,
     /// A peer whose stack acknowledges our data but that sends no frame for this long (its
-    /// pongs never come) is disconnected all the same (never sooner than `heartbeat_timeout`).
+    /// pongs never come) is disconnected all the same (never sooner than `heartbeat_timeout`):
+    /// three heartbeat timeouts, past which a link is no use to a pool even if SCTP's backoff
+    /// (up to 60 s) would bring its data back later; a new neighbour serves sooner.
     pub max_silence: Duration,
     /// Gather loopback candidates only (tests, a laptop without a network).
     pub loopback_only: bool,

@@ -95,21 +95,21 @@ pub enum FetchOutput<P> {
     Failed(String),
 }
 
-/// How fast one source delivers: chunks over stretches of at least `PACE_PERIOD` in which
-/// they kept coming. A stretch opens at a chunk, so the wait for a request's first chunk is
-/// not counted (else a source far away would be asked for less and less); a gap of a
-/// period or more closes it (the source had nothing of ours to send). A stall — a request
-/// silent for `missing_after` — halves the rate.
+/// How fast one source delivers: chunks over stretches of at least `PACE_PERIOD` while it
+/// owes us chunks. A stretch opens at the first chunk after we gave an idle source work, so
+/// the wait for that chunk is not counted (else a source far away would be asked for less
+/// and less); gaps while it still owes us count, as slowness. A stall — a request silent for
+/// `missing_after` — halves the rate, once until the source delivers again.
 #[derive(Debug, Clone, Copy, Default)]
 struct Pace {
     /// Chunks per second, smoothed; `None` until a stretch was measured or a stall seen.
     rate: Option<f64>,
-    /// The chunk that opened the current stretch.
+    /// The chunk that opened the current stretch (`None`: none open).
     since: Option<Instant>,
-    /// The latest chunk.
-    last: Option<Instant>,
     /// Chunks since `since`.
     count: u64,
+    /// Stalled, and nothing delivered since.
+    stalled: bool,
 }
 
 /// Shortest stretch a delivery rate is measured over.
@@ -117,27 +117,36 @@ const PACE_PERIOD: Duration = Duration::from_millis(500);
 
 impl Pace {
     fn on_chunk(&mut self, now: Instant) {
-        match (self.since, self.last) {
-            (Some(since), Some(last)) if now.duration_since(last) < PACE_PERIOD => {
-                self.count += 1;
-                let elapsed = now.duration_since(since);
-                if elapsed >= PACE_PERIOD {
-                    let sample = self.count as f64 / elapsed.as_secs_f64();
-                    self.rate = Some(self.rate.map_or(sample, |r| (r + sample) / 2.0));
-                    self.since = Some(now);
-                    self.count = 0;
-                }
-            }
-            _ => {
-                self.since = Some(now);
-                self.count = 0;
-            }
+        self.stalled = false;
+        let Some(since) = self.since else {
+            self.since = Some(now);
+            self.count = 0;
+            return;
+        };
+        self.count += 1;
+        let elapsed = now.duration_since(since);
+        if elapsed >= PACE_PERIOD {
+            let sample = self.count as f64 / elapsed.as_secs_f64();
+            self.rate = Some(self.rate.map_or(sample, |r| (r + sample) / 2.0));
+            self.since = Some(now);
+            self.count = 0;
         }
-        self.last = Some(now);
     }
 
-    fn on_stall(&mut self) {
-        self.rate = Some(self.rate.map_or(0.0, |r| r / 2.0));
+    /// We gave work to a source that had none of ours: what it does next opens a stretch.
+    fn on_idle_request(&mut self) {
+        self.since = None;
+    }
+
+    /// A request to it stalled. With no rate yet it gets the floor's rate (`floor` chunks
+    /// per `request_queue_time`), not zero, so its first real sample is not halved away.
+    fn on_stall(&mut self, c: &FetchConfig) {
+        if self.stalled {
+            return;
+        }
+        self.stalled = true;
+        let floor = c.min_in_flight.max(1) as f64 / c.request_queue_time.as_secs_f64().max(1e-3);
+        self.rate = Some(self.rate.map_or(floor, |r| r / 2.0));
         self.since = None;
     }
 
@@ -437,8 +446,8 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             })
             .map(|(id, _)| *id)
             .collect();
-        // A stalled source is asked for less until it delivers again (once per poll, however
-        // many of its requests stalled together).
+        // A stalled source is asked for less: its rate halves once per silence, however many
+        // of its requests stall in it.
         let mut slowed: Vec<P> = Vec::new();
         for id in &stalled {
             if let Some(f) = self.in_flight.get(id)
@@ -449,7 +458,7 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
         }
         for source in &slowed {
             if let Some((_, pace)) = self.pace.iter_mut().find(|(s, _)| s == source) {
-                pace.on_stall();
+                pace.on_stall(&self.config);
             }
         }
         for id in stalled {
@@ -571,6 +580,9 @@ impl<P: Clone + Eq + std::fmt::Debug> Fetch<P> {
             };
             idle_rounds = 0;
             let source = source.clone();
+            if busy[i] == 0 {
+                self.pace[pace].1.on_idle_request();
+            }
             busy[i] += ranges.len();
             let request_id = self.next_request_id;
             self.next_request_id += 1;
@@ -1060,29 +1072,39 @@ mod tests {
         let outstanding =
             |q: &[std::collections::VecDeque<(u64, u32)>; 2]| [q[0].len(), q[1].len()];
         let (mut first, mut last, mut slow_most) = (None, [0, 0], 0);
-        // 10 s in 10 ms steps: source 1 delivers 20 chunks a step (2,000/s), source 2 one
-        // every 250 ms (4/s).
-        for step in 0..1000u32 {
-            let now = t0 + Duration::from_millis(10 * u64::from(step));
-            out.clear();
-            f.poll(now, &mut out);
-            for (source, id, ranges, _) in requests(&out) {
-                queues[usize::from(source - 1)].extend(ranges.into_iter().map(|i| (id, i)));
-            }
+        // 30 s in 10 ms steps: source 1 delivers 20 chunks a step (2,000/s), source 2 one
+        // every 600 ms (1.7/s: chunks come further apart than a measuring period).
+        for step in 0..3000u32 {
+            let base = t0 + Duration::from_millis(10 * u64::from(step));
+            // Like the engine: a poll after every input, and on the tick.
+            let mut poll =
+                |f: &mut Fetch<u8>,
+                 now,
+                 queues: &mut [std::collections::VecDeque<(u64, u32)>; 2]| {
+                    out.clear();
+                    f.poll(now, &mut out);
+                    for (source, id, ranges, _) in requests(&out) {
+                        queues[usize::from(source - 1)].extend(ranges.into_iter().map(|i| (id, i)));
+                    }
+                };
+            poll(&mut f, base, &mut queues);
             first.get_or_insert(outstanding(&queues));
             last = outstanding(&queues);
-            if step >= 900 {
+            if step >= 2000 {
                 slow_most = slow_most.max(last[1]);
             }
-            for _ in 0..20 {
+            for k in 0..20u64 {
+                let now = base + Duration::from_micros(500 * k);
                 if let Some((id, i)) = queues[0].pop_front() {
                     chunk(&mut f, now, id, i);
+                    poll(&mut f, now, &mut queues);
                 }
             }
-            if step % 25 == 0
+            if step % 60 == 0
                 && let Some((id, i)) = queues[1].pop_front()
             {
-                chunk(&mut f, now, id, i);
+                chunk(&mut f, base, id, i);
+                poll(&mut f, base, &mut queues);
             }
         }
         // Before any rate is known each gets a quarter of the most.
@@ -1090,12 +1112,12 @@ mod tests {
         // What each holds right after the last round of requests.
         let [fast, slow] = last;
         assert!(fast > 16 && fast <= 64, "fast source holds {fast}");
-        // 4 chunks/s for 3 s: 12 (13 with rounding), never the 16 it started with, nor the
-        // 64 the fast one may hold.
-        assert!(slow >= 6, "slow source holds {slow}");
+        // 1.7 chunks/s for 3 s: 5 (6 with rounding) over the last 10 s, never the 16 it
+        // started with, nor the 64 the fast one may hold.
+        assert!(slow >= 2, "slow source holds {slow}");
         assert!(
-            slow_most <= 13,
-            "slow source held up to {slow_most} in the last second"
+            slow_most <= 6,
+            "slow source held up to {slow_most} in the last 10 s"
         );
         assert!(f.duplicates == 0 && f.missing_rounds == 0);
     }
@@ -1124,7 +1146,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stall_halves_a_sources_rate_and_the_wait_for_a_first_chunk_is_not_counted() {
+    fn a_stall_halves_a_sources_rate_once_and_the_wait_for_a_first_chunk_is_not_counted() {
         let paced = FetchConfig {
             max_in_flight: 64,
             request_queue_time: Duration::from_secs(3),
@@ -1133,29 +1155,45 @@ mod tests {
         };
         let t = Instant::now();
         let ms = |n| t + Duration::from_millis(n);
+        let near = |p: &Pace, r: f64| p.rate.is_some_and(|x| (x - r).abs() < 0.01);
         let mut p = Pace::default();
         // A long wait, then 10 chunks/s: the wait opens nothing, the stretch measures 10/s.
+        p.on_idle_request();
         for i in 0..=10 {
             p.on_chunk(ms(5_000 + 100 * i));
         }
-        assert!(
-            p.rate.is_some_and(|r| (9.0..=11.0).contains(&r)),
-            "{:?}",
-            p.rate
-        );
+        assert!(near(&p, 10.0), "{:?}", p.rate);
         assert_eq!(p.allowance(&paced), 30);
-        // A gap of a period or more closes the stretch instead of counting as slowness.
-        p.on_chunk(ms(9_000));
-        p.on_chunk(ms(9_100));
-        assert!(p.rate.is_some_and(|r| r >= 9.0), "{:?}", p.rate);
-        p.on_stall();
-        assert_eq!(p.allowance(&paced), 15);
+        // Idle, given work again 3 s later: the wait for its first chunk is not counted…
+        p.on_idle_request();
+        for i in 0..=5 {
+            p.on_chunk(ms(9_000 + 100 * i));
+        }
+        assert!(near(&p, 10.0), "{:?}", p.rate);
+        // …but a gap while it owes us chunks is slowness: 1 chunk in 1 s.
+        p.on_chunk(ms(10_500));
+        assert!(near(&p, 5.5), "{:?}", p.rate);
+        // A stall halves the rate once, however many requests stall before it delivers.
+        p.on_stall(&paced);
+        p.on_stall(&paced);
+        assert!(near(&p, 2.75), "{:?}", p.rate);
+        p.on_chunk(ms(20_000));
+        p.on_stall(&paced);
+        assert!(near(&p, 1.375), "{:?}", p.rate);
+        assert_eq!(p.allowance(&paced), 5);
+        // With no rate yet a stall gives the floor, which a delivery then raises.
         let mut never = Pace::default();
-        never.on_stall();
+        never.on_stall(&paced);
         assert_eq!(
             never.allowance(&paced),
             2,
             "a source that stalled first gets the least"
+        );
+        never.on_chunk(ms(0));
+        never.on_chunk(ms(500));
+        assert!(
+            never.allowance(&paced) > 2,
+            "and gets more once it delivers"
         );
     }
 

@@ -239,7 +239,8 @@ impl Impairment {
         Ok(i)
     }
 
-    /// Whether a datagram sent `since` the runtime's creation falls in an outage.
+    /// Whether a datagram sent `since` the outage clock's start (the runtime's creation, or
+    /// `outage_clock`) falls in an outage.
     pub fn in_outage(&self, since: Duration) -> bool {
         if self.outage.is_zero() || since < self.outage_after {
             return false;
@@ -271,7 +272,7 @@ struct ImpairedSocket {
     queued: Arc<AtomicUsize>,
     /// When the last datagram leaves: no later one leaves before it.
     last: Mutex<Instant>,
-    /// The runtime's creation, which outages are timed from.
+    /// The runtime's creation, which outages are timed from unless `link.outage_clock` is set.
     epoch: Instant,
 }
 
