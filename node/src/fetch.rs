@@ -719,6 +719,16 @@ mod tests {
         }
     }
 
+    /// The default pacing: 3 s of each source's rate, 2..=64 chunks.
+    fn paced() -> FetchConfig {
+        FetchConfig {
+            max_in_flight: 64,
+            request_queue_time: Duration::from_secs(3),
+            min_in_flight: 2,
+            ..config()
+        }
+    }
+
     /// A chunk arriving from whoever was asked for `request_id`.
     fn chunk(f: &mut Fetch<u8>, now: Instant, request_id: u64, index: u32) -> bool {
         let from = f.in_flight.get(&request_id).map_or(0, |r| r.source);
@@ -1056,12 +1066,7 @@ mod tests {
 
     #[test]
     fn a_slow_source_is_asked_for_a_few_seconds_of_its_rate_and_a_fast_one_for_the_most() {
-        let cfg = FetchConfig {
-            max_in_flight: 64,
-            request_queue_time: Duration::from_secs(3),
-            min_in_flight: 2,
-            ..config()
-        };
+        let cfg = paced();
         let t0 = Instant::now();
         let mut f = Fetch::new(&meta(100_000), ChunkRanges::new(), cfg, t0, 1).expect("shape");
         f.add_source(1u8, ChunkRanges::full(100_000));
@@ -1130,12 +1135,7 @@ mod tests {
         };
         let fixed = config();
         assert_eq!(p.allowance(&fixed), fixed.max_in_flight);
-        let paced = FetchConfig {
-            max_in_flight: 64,
-            request_queue_time: Duration::from_secs(3),
-            min_in_flight: 2,
-            ..config()
-        };
+        let paced = paced();
         assert_eq!(p.allowance(&paced), 2, "never below the floor");
         assert_eq!(Pace::default().allowance(&paced), 16);
         let fast = Pace {
@@ -1147,12 +1147,7 @@ mod tests {
 
     #[test]
     fn a_stall_halves_a_sources_rate_once_and_the_wait_for_a_first_chunk_is_not_counted() {
-        let paced = FetchConfig {
-            max_in_flight: 64,
-            request_queue_time: Duration::from_secs(3),
-            min_in_flight: 2,
-            ..config()
-        };
+        let paced = paced();
         let t = Instant::now();
         let ms = |n| t + Duration::from_millis(n);
         let near = |p: &Pace, r: f64| p.rate.is_some_and(|x| (x - r).abs() < 0.01);

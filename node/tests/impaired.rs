@@ -22,6 +22,20 @@ async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
         .await
 }
 
+/// One connection per node, pings every 500 ms, a 2 s heartbeat timeout.
+fn short_heartbeats(
+    tracker: &tidepool_tracker::Tracker,
+    pool: &str,
+    max_silence: Duration,
+) -> NodeConfig {
+    let mut cfg = config(tracker, pool);
+    cfg.max_peers = 1;
+    cfg.heartbeat_interval = Duration::from_millis(500);
+    cfg.heartbeat_timeout = Duration::from_secs(2);
+    cfg.max_silence = max_silence;
+    cfg
+}
+
 /// A receiver, and a sender whose full-size datagrams (its data; acknowledgements and pings
 /// are small) are lost for `outage` once the returned clock is started.
 async fn pair(cfg: &NodeConfig, outage: Duration) -> (Node, Arc<Node>, PeerId, OutageClock) {
@@ -68,11 +82,7 @@ async fn data_lost_for_seconds_while_acks_get_through_outlasts_the_heartbeat_tim
  {
     let _serial = one_at_a_time().await;
     let tracker = tracker();
-    let mut cfg = config(&tracker, "outage");
-    cfg.max_peers = 1;
-    cfg.heartbeat_interval = Duration::from_millis(500);
-    cfg.heartbeat_timeout = Duration::from_secs(2);
-    cfg.max_silence = Duration::from_secs(60);
+    let cfg = short_heartbeats(&tracker, "outage", Duration::from_secs(60));
     // The outage alone outlasts the heartbeat timeout; SCTP's backoff stretches it further.
     let outage = Duration::from_millis(3500);
     let (receiver, sender, peer, clock) = pair(&cfg, outage).await;
@@ -135,11 +145,7 @@ async fn data_lost_for_seconds_while_acks_get_through_outlasts_the_heartbeat_tim
 async fn a_peer_that_acknowledges_but_never_gets_a_frame_through_is_dropped_after_max_silence() {
     let _serial = one_at_a_time().await;
     let tracker = tracker();
-    let mut cfg = config(&tracker, "mute");
-    cfg.max_peers = 1;
-    cfg.heartbeat_interval = Duration::from_millis(500);
-    cfg.heartbeat_timeout = Duration::from_secs(2);
-    cfg.max_silence = Duration::from_secs(6);
+    let cfg = short_heartbeats(&tracker, "mute", Duration::from_secs(6));
     // Once data flows, the sender's full-size datagrams never arrive again: its
     // acknowledgements keep the link looking alive, but none of its frames gets through.
     let (receiver, sender, peer, clock) = pair(&cfg, Duration::from_secs(3600)).await;
